@@ -1,0 +1,353 @@
+"""Batched, device-side image distortions: random pixel masking, Gaussian noise, Gaussian blur.
+
+Every distortion takes images ``[B, C, H, W]`` float in ``[0, 1]`` (any float dtype, any device, under
+autocast too) and returns a tensor of the same shape and dtype. Severities are in pixel-value units
+(``[0, 1]`` range) for noise and in pixels for blur.
+
+``Distortion(images, seeds=None)``: without ``seeds`` randomness comes from torch's global generator
+(training). With ``seeds`` (``[B]`` int64), the output is a pure function of (image, seed): random
+numbers come from a counter-based hash of (seed, element index), so the same validation image gets
+the same corruption in every epoch, run, process and batch composition.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from distortkd.errors import UserError, unknown
+
+_M32 = 0xFFFFFFFF
+
+
+def _hash32(x: Tensor) -> Tensor:
+    """Chris Wellons' 'lowbias32' integer hash on int64 tensors holding values in ``[0, 2**32)``.
+
+    Written by hand because torch has no counter-based RNG that takes a per-row seed tensor;
+    int64 products wrap, and masking keeps exactly the low 32 bits the hash is defined on.
+    """
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+class _Draw:
+    """Per-sample random numbers for a batch: global generator, or hashed from per-sample seeds."""
+
+    def __init__(self, images: Tensor, seeds: Tensor | None):
+        self.batch, self.device = images.shape[0], images.device
+        self.seeds = None
+        if seeds is not None:
+            seeds = torch.as_tensor(seeds, device=self.device).long().reshape(-1)
+            if seeds.numel() != self.batch:
+                raise UserError(f"seeds has {seeds.numel()} entries for a batch of {self.batch}")
+            self.seeds = _hash32((seeds & _M32) ^ _hash32((seeds >> 32) & _M32))
+
+    def uniform(self, *shape: int, stream: int) -> Tensor:
+        """Uniform floats in the open interval (0, 1), shape ``[B, *shape]``, float32."""
+        if self.seeds is None:
+            # torch.rand can return exactly 0; keep the interval open for ndtri and log.
+            return torch.rand(self.batch, *shape, device=self.device).clamp_min_(2.0**-25)
+        n = math.prod(shape)
+        idx = torch.arange(n, device=self.device, dtype=torch.long)
+        key = _hash32((idx + stream * 0x9E3779B9) & _M32)
+        x = _hash32(_hash32(key[None, :] ^ self.seeds[:, None]))
+        return (((x >> 8).float() + 0.5) * 2.0**-24).reshape(self.batch, *shape)
+
+    def normal(self, *shape: int, stream: int) -> Tensor:
+        """Standard normal floats, shape ``[B, *shape]``, float32."""
+        if self.seeds is None:
+            return torch.randn(self.batch, *shape, device=self.device)
+        return torch.special.ndtri(self.uniform(*shape, stream=stream))
+
+
+def _check_images(images: Tensor) -> None:
+    if images.ndim != 4 or not images.is_floating_point():
+        raise UserError(
+            f"distortions take float images [B, C, H, W]; got {tuple(images.shape)} {images.dtype}"
+        )
+
+
+def _blur_kernel(kernel_size: Tensor | int, sigma: Tensor, width: int) -> Tensor:
+    """Normalised 1-D Gaussian taps ``[B, width]``, each truncated to its own odd ``kernel_size``.
+
+    A kernel of size k zero-padded to ``width`` and applied with reflect padding of
+    ``(width - 1) / 2`` gives exactly the result of size k with padding ``(k - 1) / 2``: reflection is
+    the same function of position whatever the pad width.
+    """
+    x = torch.arange(width, device=sigma.device, dtype=torch.float32) - (width - 1) / 2
+    half = (torch.as_tensor(kernel_size, device=sigma.device) - 1) / 2
+    pdf = torch.exp(-0.5 * (x[None, :] / sigma.float()[:, None]) ** 2)
+    pdf = pdf * (x.abs()[None, :] <= torch.as_tensor(half).reshape(-1, 1))
+    return pdf / pdf.sum(dim=1, keepdim=True)
+
+
+def _separable_blur(images: Tensor, kernel: Tensor) -> Tensor:
+    """Separable blur with reflect padding; ``kernel`` is ``[1, K]`` (shared) or ``[B, K]``.
+
+    Written by hand instead of ``torchvision...gaussian_blur`` because torchvision convolves with the
+    full K×K kernel (37² = 1369 taps for the paper's strong blur) where two 1-D passes need 74.
+    """
+    b, c, h, w = images.shape
+    width = kernel.shape[-1]
+    pad = (width - 1) // 2
+    if pad >= min(h, w):
+        raise UserError(
+            f"blur kernel {width} is too large for {h}x{w} images (reflect padding needs "
+            f"kernel_size < 2*min(H, W) - 1 = {2 * min(h, w) - 1})"
+        )
+    kernel = kernel.to(images.dtype)
+    if kernel.shape[0] == 1:
+        x, groups = images.reshape(b * c, 1, h, w), 1
+        kx, ky = kernel.view(1, 1, 1, width), kernel.view(1, 1, width, 1)
+    else:
+        x, groups = images.reshape(1, b * c, h, w), b * c
+        k = kernel.repeat_interleave(c, dim=0)
+        kx, ky = k.view(b * c, 1, 1, width), k.view(b * c, 1, width, 1)
+    x = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    x = F.conv2d(F.conv2d(x, kx, groups=groups), ky, groups=groups)
+    return x.reshape(b, c, h, w)
+
+
+def _odd_kernel(sigma: float | Tensor) -> Tensor | int:
+    """The kernel size the paper pairs with σ: 4σ + 1 (21 for σ 5, 37 for σ 9), made odd."""
+    if isinstance(sigma, Tensor):
+        return 2 * torch.round(2 * sigma).long() + 1
+    return 2 * round(2 * sigma) + 1
+
+
+@dataclass(frozen=True)
+class Distortion:
+    """Base class: a named, parametrised, batched image corruption."""
+
+    family = "identity"
+
+    def __call__(self, images: Tensor, seeds: Tensor | None = None) -> Tensor:
+        _check_images(images)
+        return self.apply(images, _Draw(images, seeds))
+
+    def apply(self, images: Tensor, draw: _Draw) -> Tensor:
+        return images
+
+    @property
+    def severity(self) -> float:
+        """The family's one-number strength (ratio, σ in pixel values, σ in pixels)."""
+        return 0.0
+
+    def describe(self) -> dict:
+        return {"family": self.family, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class Identity(Distortion):
+    family = "identity"
+
+
+@dataclass(frozen=True)
+class Mask(Distortion):
+    """Drops each pixel with probability ``ratio``, the same pixels in every channel, set to 0."""
+
+    ratio: float = 0.75
+    family = "mask"
+
+    def __post_init__(self):
+        if not 0.0 <= self.ratio < 1.0:
+            raise UserError(f"mask ratio {self.ratio} is out of range; accepted: 0 <= ratio < 1")
+
+    def apply(self, images: Tensor, draw: _Draw) -> Tensor:
+        keep = draw.uniform(1, *images.shape[2:], stream=1) >= self.ratio
+        return images * keep.to(images.dtype)
+
+    @property
+    def severity(self) -> float:
+        return self.ratio
+
+
+@dataclass(frozen=True)
+class GaussianNoise(Distortion):
+    """Adds N(0, σ²) in ``[0, 1]`` pixel units, then (by default) clamps to ``[0, 1]``."""
+
+    sigma: float = 0.3
+    clip: bool = True
+    family = "gaussian_noise"
+
+    def __post_init__(self):
+        if not self.sigma >= 0:
+            raise UserError(f"noise sigma {self.sigma} is out of range; accepted: sigma >= 0")
+
+    def apply(self, images: Tensor, draw: _Draw) -> Tensor:
+        noisy = images.float() + self.sigma * draw.normal(*images.shape[1:], stream=2)
+        return (noisy.clamp(0.0, 1.0) if self.clip else noisy).to(images.dtype)
+
+    @property
+    def severity(self) -> float:
+        return self.sigma
+
+
+@dataclass(frozen=True)
+class GaussianBlur(Distortion):
+    """Separable Gaussian blur with reflect padding, equal to torchvision's ``gaussian_blur``.
+
+    ``kernel_size`` defaults to the paper's pairing 4σ + 1 (rounded to odd).
+    """
+
+    kernel_size: int | None = None
+    sigma: float = 5.0
+    family = "gaussian_blur"
+
+    def __post_init__(self):
+        if not self.sigma > 0:
+            raise UserError(f"blur sigma {self.sigma} is out of range; accepted: sigma > 0")
+        if self.kernel_size is None:
+            object.__setattr__(self, "kernel_size", _odd_kernel(self.sigma))
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise UserError(
+                f"blur kernel_size {self.kernel_size} is invalid; accepted: odd integers >= 1"
+            )
+
+    def apply(self, images: Tensor, draw: _Draw) -> Tensor:
+        sigma = torch.tensor([self.sigma], device=images.device)
+        return _separable_blur(images, _blur_kernel(self.kernel_size, sigma, self.kernel_size))
+
+    @property
+    def severity(self) -> float:
+        return self.sigma
+
+
+MIXED_FAMILIES = ("clean", "mask", "gaussian_noise", "gaussian_blur")
+
+
+def _range(value, name: str, lo: float, hi: float) -> tuple[float, float]:
+    a, b = (value, value) if isinstance(value, int | float) else tuple(value)
+    if not (lo <= a <= b <= hi):
+        raise UserError(f"mixed {name} range {value} is invalid; accepted: {lo} <= low <= high <= {hi}")
+    return float(a), float(b)
+
+
+@dataclass(frozen=True)
+class Mixed(Distortion):
+    """Each sample draws a family (with ``weights``) and a severity uniformly from its range.
+
+    Ranges are ``[low, high]`` (or one number): mask ratio, noise σ in pixel values, blur σ in
+    pixels (kernel 4σ + 1, computed per sample). ``clean`` may be given a weight too.
+    """
+
+    families: tuple = ("mask", "gaussian_noise", "gaussian_blur")
+    weights: tuple | None = None
+    mask_ratio: tuple = (0.5, 0.95)
+    noise_sigma: tuple = (0.1, 0.5)
+    blur_sigma: tuple = (1.0, 9.0)
+    family = "mixed"
+
+    def __post_init__(self):
+        fams = tuple(self.families)
+        for f in fams:
+            if f not in MIXED_FAMILIES:
+                raise unknown("mixed family", f, MIXED_FAMILIES)
+        w = tuple(float(x) for x in (self.weights or [1.0] * len(fams)))
+        if len(w) != len(fams) or min(w) < 0 or sum(w) <= 0:
+            raise UserError(f"mixed weights {self.weights} must be {len(fams)} non-negative numbers")
+        object.__setattr__(self, "families", fams)
+        object.__setattr__(self, "weights", w)
+        object.__setattr__(self, "mask_ratio", _range(self.mask_ratio, "mask_ratio", 0.0, 0.999))
+        object.__setattr__(self, "noise_sigma", _range(self.noise_sigma, "noise_sigma", 0.0, 10.0))
+        object.__setattr__(self, "blur_sigma", _range(self.blur_sigma, "blur_sigma", 0.1, 100.0))
+
+    def draw_params(self, draw: _Draw) -> tuple[Tensor, Tensor]:
+        """Per-sample family index into ``families`` ``[B]`` and severity ``[B]``."""
+        probs = torch.tensor(self.weights, device=draw.device)
+        cdf = (probs / probs.sum()).cumsum(0)
+        choice = torch.searchsorted(cdf, draw.uniform(1, stream=3), right=True).squeeze(1)
+        choice = choice.clamp_max(len(self.families) - 1)
+        lo_hi = {"clean": (0.0, 0.0), "mask": self.mask_ratio,
+                 "gaussian_noise": self.noise_sigma, "gaussian_blur": self.blur_sigma}
+        bounds = torch.tensor([lo_hi[f] for f in self.families], device=draw.device)
+        lo, hi = bounds[choice, 0], bounds[choice, 1]
+        return choice, lo + (hi - lo) * draw.uniform(1, stream=4).squeeze(1)
+
+    def apply(self, images: Tensor, draw: _Draw) -> Tensor:
+        choice, severity = self.draw_params(draw)
+        out, shape = images, (-1, 1, 1, 1)
+        # Every family is computed on the whole batch and selected per sample: no data-dependent
+        # shapes (so no host sync and no recompiles), at a cost far below one model step.
+        for i, fam in enumerate(self.families):
+            pick = (choice == i).view(shape)
+            if fam == "mask":
+                keep = draw.uniform(1, *images.shape[2:], stream=1) >= severity.view(shape)
+                result = images * keep.to(images.dtype)
+            elif fam == "gaussian_noise":
+                noise = draw.normal(*images.shape[1:], stream=2) * severity.view(shape)
+                result = (images.float() + noise).clamp(0, 1).to(images.dtype)
+            elif fam == "gaussian_blur":
+                sig = severity.clamp_min(self.blur_sigma[0])
+                width = int(_odd_kernel(self.blur_sigma[1]))
+                result = _separable_blur(images, _blur_kernel(_odd_kernel(sig), sig, width))
+            else:
+                continue
+            out = torch.where(pick, result, out)
+        return out
+
+    @property
+    def severity(self) -> float:
+        return float("nan")
+
+
+DISTORTIONS: dict[str, type[Distortion]] = {
+    "identity": Identity,
+    "mask": Mask,
+    "gaussian_noise": GaussianNoise,
+    "gaussian_blur": GaussianBlur,
+    "mixed": Mixed,
+}
+
+# The paper's grid (Sec. 4.2): family and parameters of each named setting.
+PRESETS: dict[str, tuple[str, dict]] = {
+    "clean": ("identity", {}),
+    "mask_weak": ("mask", {"ratio": 0.75}),
+    "mask_strong": ("mask", {"ratio": 0.9}),
+    "noise_weak": ("gaussian_noise", {"sigma": 0.3}),
+    "noise_strong": ("gaussian_noise", {"sigma": 0.5}),
+    "blur_weak": ("gaussian_blur", {"kernel_size": 21, "sigma": 5.0}),
+    "blur_strong": ("gaussian_blur", {"kernel_size": 37, "sigma": 9.0}),
+}
+
+
+def build(name: str, **params) -> Distortion:
+    """Builds a distortion from a family name or a preset, with parameters overriding the preset.
+
+    Args:
+        name: one of ``DISTORTIONS`` (``mask``, ``gaussian_noise``, ...) or ``PRESETS``
+            (``mask_strong``, ``blur_weak``, ...).
+        **params: the family's parameters (``ratio``; ``sigma``, ``clip``; ``kernel_size``, ``sigma``).
+
+    Raises:
+        UserError: unknown name or parameter, or a parameter out of range.
+    """
+    if name in PRESETS:
+        family, defaults = PRESETS[name]
+        if family == "gaussian_blur" and "sigma" in params and "kernel_size" not in params:
+            defaults = {}  # a new σ gets its own 4σ + 1 kernel, not the preset's
+        params = {**defaults, **params}
+    elif name in DISTORTIONS:
+        family = name
+    else:
+        raise unknown("distortion", name, [*DISTORTIONS, *PRESETS])
+    cls = DISTORTIONS[family]
+    accepted = [f.name for f in fields(cls) if not f.name.startswith("_")]
+    bad = sorted(set(params) - set(accepted))
+    if bad:
+        raise UserError(
+            f"distortion {name!r} has no parameter {', '.join(bad)}; accepted: {', '.join(accepted) or 'none'}"
+        )
+    return cls(**params)
+
+
+def sample_seeds(index: Tensor, run_seed: int) -> Tensor:
+    """Per-sample seeds from dataset indices and a run seed, so eval corruption is fixed per image."""
+    return index.long() * 1_000_003 + int(run_seed)

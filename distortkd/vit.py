@@ -1,0 +1,209 @@
+"""Encoders built by timm, and the feature taps the distillation loss needs.
+
+No forked ViT: ``extract_features`` runs timm's own modules (``patch_embed``, ``_pos_embed``,
+``blocks``, ``norm``) and every block keeps timm's fused SDPA. The CLS→patch attention logits of the
+last block are computed beside it from that block's own ``norm1``, ``attn.qkv`` weights, ``q_norm``
+and ``k_norm``: only the CLS query row, so no ``[B, H, N+1, N+1]`` tensor is ever allocated and the
+extra cost is one ``D×D`` key projection (≈ 1 % of a ViT-S forward).
+
+This module knows nothing about training (no Lightning, no losses).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import NamedTuple
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.data import resolve_model_data_config
+from timm.models import VisionTransformer, checkpoint_seq
+from torch import Tensor, nn
+
+from distortkd.errors import UserError
+
+
+class Features(NamedTuple):
+    """Last-layer features of an encoder.
+
+    Attributes:
+        cls: ``[B, D]`` CLS token after the final norm (pooled embedding for CNNs).
+        patches: ``[B, N, D]`` patch tokens after the final norm (prefix/register tokens excluded),
+            or None for CNNs.
+        attn: ``[B, H, N]`` pre-softmax CLS→patch attention logits of the last block
+            (``q_cls·k_n / sqrt(d_head)``), or None when not requested or not a ViT.
+    """
+
+    cls: Tensor
+    patches: Tensor | None = None
+    attn: Tensor | None = None
+
+
+def cls_attention_logits(block: nn.Module, x: Tensor, num_prefix_tokens: int) -> Tensor:
+    """CLS→patch attention logits ``[B, H, N]`` that ``block`` computes on its input ``x [B, T, D]``."""
+    attn = block.attn
+    h = block.norm1(x)
+    b, t, _ = h.shape
+    dim, heads = attn.num_heads * attn.head_dim, attn.num_heads
+    w, bias = attn.qkv.weight, attn.qkv.bias
+    # timm's qkv output is laid out [q | k | v]; project the CLS query and all keys only.
+    q = F.linear(h[:, :1], w[:dim], None if bias is None else bias[:dim])
+    k = F.linear(h, w[dim : 2 * dim], None if bias is None else bias[dim : 2 * dim])
+    q = attn.q_norm(q.view(b, 1, heads, -1).transpose(1, 2))
+    k = attn.k_norm(k.view(b, t, heads, -1).transpose(1, 2))
+    logits = (q * attn.scale) @ k.transpose(-2, -1)  # [B, H, 1, T]
+    return logits[:, :, 0, num_prefix_tokens:]
+
+
+def extract_features(model: VisionTransformer, images: Tensor, with_attn: bool = True) -> Features:
+    """Runs a timm ViT on normalised ``images [B, C, H, W]`` and taps its last-layer features.
+
+    Equals ``model.forward_features`` for ``cls``/``patches``; see ``Features`` for shapes.
+    """
+    x = model.patch_embed(images)
+    x = model._pos_embed(x)
+    x = model.patch_drop(x)
+    x = model.norm_pre(x)
+    if model.grad_checkpointing and torch.is_grad_enabled():
+        x = checkpoint_seq(model.blocks[:-1], x)
+    else:
+        x = model.blocks[:-1](x)
+    last = model.blocks[-1]
+    attn = cls_attention_logits(last, x, model.num_prefix_tokens) if with_attn else None
+    x = model.norm(last(x))
+    return Features(cls=x[:, 0], patches=x[:, model.num_prefix_tokens :], attn=attn)
+
+
+class Encoder(nn.Module):
+    """A timm backbone with its own input normalisation: callers pass ``[0, 1]`` images.
+
+    Attributes:
+        backbone: the timm model (``num_classes=0``).
+        embed_dim: width of ``cls`` / the pooled embedding.
+    """
+
+    def __init__(self, backbone: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.backbone = backbone
+        chans = _in_chans(backbone)
+        if len(mean) != chans:  # e.g. a 1-channel model with an RGB pretrained cfg
+            mean, std = (sum(mean) / len(mean),) * chans, (sum(std) / len(std),) * chans
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        self.is_vit = isinstance(backbone, VisionTransformer)
+        self.embed_dim = backbone.num_classes or backbone.num_features
+
+    def normalize(self, images: Tensor) -> Tensor:
+        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+
+    def features(self, images: Tensor, with_attn: bool = True) -> Features:
+        """Last-layer features of ``[0, 1]`` images ``[B, C, H, W]``."""
+        x = self.normalize(images)
+        if self.is_vit:
+            return extract_features(self.backbone, x, with_attn)
+        return Features(cls=self.backbone(x))
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Pooled embedding ``[B, D]`` of ``[0, 1]`` images (the CLS token for ViTs)."""
+        return self.backbone(self.normalize(images))
+
+    @property
+    def num_heads(self) -> int:
+        return self.backbone.blocks[-1].attn.num_heads if self.is_vit else 0
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Patch grid ``(rows, cols)`` of a ViT, to reshape ``[B, N, ...]`` into maps."""
+        return tuple(self.backbone.patch_embed.grid_size)
+
+
+def _in_chans(model: nn.Module) -> int:
+    return int(model.pretrained_cfg.get("input_size", (3,))[0]) if hasattr(model, "pretrained_cfg") else 3
+
+
+def _check_name(name: str) -> None:
+    if not timm.is_model(name):
+        base = name.split(".")[0]
+        close = difflib.get_close_matches(base, timm.list_models(), n=5, cutoff=0.6)
+        raise UserError(
+            f"unknown model {name!r}; accepted: any timm model name"
+            + (f" (closest: {', '.join(close)})" if close else "")
+        )
+
+
+def build_encoder(
+    name: str,
+    pretrained: bool = True,
+    weights_file: str | None = None,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    keep_head: bool = False,
+    **timm_kwargs,
+) -> Encoder:
+    """Creates a timm backbone (``num_classes=0``) wrapped with its input normalisation.
+
+    Args:
+        name: timm model name, e.g. ``vit_base_patch16_224.dino``.
+        pretrained: load weights (from ``weights_file`` if given, else from the hub).
+        weights_file: local ``.safetensors``/``.pth``/``.bin``, loaded through timm's
+            ``pretrained_cfg_overlay=dict(file=...)``.
+        mean, std: normalisation override; default: the model's pretrained cfg.
+        keep_head: keep the pretrained head when it is an embedding projection (CLIP's attention
+            pool to 512-d), instead of creating the model with ``num_classes=0``.
+        **timm_kwargs: passed to ``timm.create_model`` (``img_size``, ``in_chans``, ``depth``, ...).
+
+    Raises:
+        UserError: unknown name, missing weights file, or hub weights unreachable.
+    """
+    _check_name(name)
+    if weights_file is not None:
+        if not Path(weights_file).is_file():
+            raise UserError(f"weights_file {weights_file!r} does not exist")
+        timm_kwargs["pretrained_cfg_overlay"] = {"file": str(weights_file)}
+        pretrained = True
+    try:
+        if not keep_head:
+            timm_kwargs["num_classes"] = 0
+        model = timm.create_model(name, pretrained=pretrained, **timm_kwargs)
+    except (TypeError, UserError):
+        raise
+    except Exception as err:  # hub/network/format failures arrive as many exception types
+        if not pretrained:
+            raise
+        raise UserError(
+            f"could not load pretrained weights for {name!r} ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:160] if str(err) else 'no message'}); offline? "
+            f"pass a local file with weights_file=/path/model.safetensors (CLI: model.weights_file=...)"
+        ) from None
+    cfg = resolve_model_data_config(model)
+    return Encoder(model, tuple(mean or cfg["mean"]), tuple(std or cfg["std"]))
+
+
+def build_vit(name: str, pretrained: bool = True, weights_file: str | None = None, **kwargs) -> Encoder:
+    """``build_encoder`` for Vision Transformers; refuses other architectures."""
+    enc = build_encoder(name, pretrained=pretrained, weights_file=weights_file, **kwargs)
+    if not enc.is_vit:
+        raise UserError(f"model {name!r} is not a timm VisionTransformer; the taps need one")
+    return enc
+
+
+class FrozenTeacher(nn.Module):
+    """A frozen encoder: no gradients, always in eval mode, forward under ``torch.no_grad()``."""
+
+    def __init__(self, encoder: Encoder):
+        super().__init__()
+        self.encoder = encoder.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> FrozenTeacher:
+        # Lightning calls .train() on the whole module each epoch; dropout/drop-path must stay off.
+        return super().train(False)
+
+    @torch.no_grad()
+    def features(self, images: Tensor, with_attn: bool = True) -> Features:
+        return self.encoder.features(images, with_attn)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        return self.encoder(images)
