@@ -120,7 +120,9 @@ class Encoder(nn.Module):
 
 
 def _in_chans(model: nn.Module) -> int:
-    return int(model.pretrained_cfg.get("input_size", (3,))[0]) if hasattr(model, "pretrained_cfg") else 3
+    """Input channels, read off the first convolution (the pretrained cfg ignores ``in_chans=``)."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return first.in_channels if first is not None else 3
 
 
 def _check_name(name: str) -> None:

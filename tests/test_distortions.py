@@ -1,0 +1,124 @@
+"""Distortions: statistics, agreement with torchvision, seeded determinism, dtypes, bad input."""
+
+import pytest
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from distortkd import distortions as D
+from distortkd.errors import UserError
+
+
+@pytest.fixture
+def images():
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(4, 3, 224, 224, generator=g)
+
+
+@pytest.mark.parametrize("ratio", [0.75, 0.9])
+@pytest.mark.parametrize("seeded", [False, True])
+def test_mask_fraction_and_channel_shared(images, ratio, seeded):
+    seeds = torch.arange(4) if seeded else None
+    out = D.build("mask", ratio=ratio)(images + 0.01, seeds)
+    dropped = out == 0
+    assert torch.equal(dropped[:, 0], dropped[:, 1]) and torch.equal(dropped[:, 0], dropped[:, 2])
+    assert abs(dropped[:, 0].float().mean().item() - ratio) < 0.01
+    kept = ~dropped
+    assert torch.equal(out[kept], (images + 0.01)[kept])  # kept pixels untouched
+
+
+@pytest.mark.parametrize("sigma", [0.3, 0.5])
+@pytest.mark.parametrize("seeded", [False, True])
+def test_noise_std_and_clip(sigma, seeded):
+    x = torch.full((4, 3, 128, 128), 0.5)
+    seeds = torch.arange(4) if seeded else None
+    noisy = D.build("gaussian_noise", sigma=sigma, clip=False)(x, seeds)
+    assert abs((noisy - x).std().item() - sigma) < 0.01 and abs((noisy - x).mean().item()) < 0.01
+    clipped = D.build("gaussian_noise", sigma=sigma)(x, seeds)
+    assert clipped.min() >= 0 and clipped.max() <= 1 and clipped.min() == 0
+
+
+@pytest.mark.parametrize("preset", ["blur_weak", "blur_strong"])
+def test_blur_matches_torchvision(images, preset):
+    params = D.PRESETS[preset][1]
+    ours = D.build(preset)(images)
+    ref = TF.gaussian_blur(images, [params["kernel_size"]] * 2, [params["sigma"]] * 2)
+    assert (ours - ref).abs().max() < 1e-5
+
+
+def test_blur_default_kernel_is_paper_pairing():
+    assert D.build("gaussian_blur", sigma=5).kernel_size == 21
+    assert D.build("gaussian_blur", sigma=9).kernel_size == 37
+    assert D.build("blur_strong", sigma=3).kernel_size == 13  # new σ gets its own kernel
+
+
+@pytest.mark.parametrize("name", ["mask_strong", "noise_strong", "mixed"])
+def test_seeded_is_pure_function_of_image_and_seed(images, name):
+    dist = D.build(name)
+    seeds = torch.tensor([11, 12, 13, 14])
+    a = dist(images, seeds)
+    b = dist(images, seeds)
+    assert torch.equal(a, b)
+    # same image+seed gives the same output whatever the batch around it
+    c = dist(images[2:3], seeds[2:3])
+    assert torch.equal(a[2:3], c)
+    # different seeds give different corruptions; unseeded draws differ between calls
+    assert not torch.equal(dist(images, seeds + 100), a)
+    assert not torch.equal(dist(images), dist(images))
+
+
+def test_sample_seeds_depend_on_index_and_run():
+    idx = torch.arange(5)
+    assert len(set(D.sample_seeds(idx, 0).tolist())) == 5
+    assert not torch.equal(D.sample_seeds(idx, 0), D.sample_seeds(idx, 1))
+
+
+@pytest.mark.parametrize("name", list(D.PRESETS) + ["mixed"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_and_autocast(images, name, dtype):
+    x = images[:2, :, :96, :96]
+    out = D.build(name)(x.to(dtype), torch.arange(2))
+    assert out.dtype == dtype and out.shape == x.shape
+    assert torch.isfinite(out.float()).all() and out.min() >= 0 and out.max() <= 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = D.build(name)(x)
+    assert out.shape == x.shape and torch.isfinite(out.float()).all()
+
+
+def test_mixed_frequencies_and_ranges():
+    mixed = D.build("mixed", families=["mask", "gaussian_noise", "gaussian_blur"], weights=[2, 1, 1],
+                    mask_ratio=[0.5, 0.95])
+    draw = D._Draw(torch.zeros(20000, 1, 1, 1), torch.arange(20000))
+    choice, severity = mixed.draw_params(draw)
+    freq = torch.bincount(choice, minlength=3).float() / len(choice)
+    assert torch.allclose(freq, torch.tensor([0.5, 0.25, 0.25]), atol=0.015)
+    m = severity[choice == 0]
+    assert m.min() >= 0.5 and m.max() <= 0.95 and abs(m.mean().item() - 0.725) < 0.01
+
+
+def test_mixed_blur_sample_equals_single_blur(images):
+    """A per-sample blur inside `mixed` equals the stand-alone blur at the same σ."""
+    mixed = D.build("mixed", families=["gaussian_blur"], blur_sigma=[3.0, 3.0])
+    ref = D.build("gaussian_blur", sigma=3.0)(images)
+    assert (mixed(images) - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize(
+    "name,params,needle",
+    [
+        ("masking", {}, "accepted: blur_strong"),
+        ("mask", {"ratio": 1.0}, "0 <= ratio < 1"),
+        ("mask", {"ratio": -0.1}, "-0.1"),
+        ("gaussian_noise", {"sigma": -1}, "sigma >= 0"),
+        ("gaussian_blur", {"kernel_size": 20, "sigma": 5}, "odd"),
+        ("noise_strong", {"ratio": 0.5}, "accepted: sigma, clip"),
+        ("mixed", {"families": ["fog"]}, "accepted: clean"),
+    ],
+)
+def test_bad_input_names_value_and_accepted(name, params, needle):
+    with pytest.raises(UserError, match=needle.replace("(", r"\(")):
+        D.build(name, **params)
+
+
+def test_blur_too_large_for_image():
+    with pytest.raises(UserError, match="too large"):
+        D.build("blur_strong")(torch.rand(1, 1, 16, 16))

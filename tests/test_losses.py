@@ -1,0 +1,101 @@
+"""Losses: zero on identical inputs, positive otherwise, gradients, decrease under SGD."""
+
+import pytest
+import torch
+
+from distortkd.losses import (
+    attention_kl,
+    cls_mse,
+    contrastive_inversion_loss,
+    multilevel_loss,
+    patch_mse,
+)
+from distortkd.vit import Features, FrozenTeacher
+
+
+def _feats(seed, b=4, n=16, d=8, h=2):
+    g = torch.Generator().manual_seed(seed)
+    return Features(torch.randn(b, d, generator=g), torch.randn(b, n, d, generator=g),
+                    torch.randn(b, h, n, generator=g) * 3)
+
+
+def test_zero_for_identical_positive_otherwise():
+    a, b = _feats(0), _feats(1)
+    out = multilevel_loss(a, a, 1, 1, 1, 0.5)
+    assert all(v.item() == pytest.approx(0, abs=1e-6) for v in out.values())
+    out = multilevel_loss(a, b, 1, 1, 1, 0.5)
+    assert all(v.item() > 0 for v in out.values())
+    assert set(out) == {"loss", "loss/cls", "loss/patch", "loss/attn"}
+    assert contrastive_inversion_loss(a.cls, b.cls)["loss"] > contrastive_inversion_loss(a.cls, a.cls)["loss"]
+
+
+def test_weights_combine_and_zero_weight_skips(monkeypatch):
+    a, b = _feats(0), _feats(1)
+    out = multilevel_loss(a, b, 2.0, 3.0, 5.0, 1.0)
+    expected = 2 * cls_mse(a.cls, b.cls) + 3 * patch_mse(a.patches, b.patches) + 5 * attention_kl(a.attn, b.attn, 1.0)
+    torch.testing.assert_close(out["loss"], expected)
+    import distortkd.losses as L
+
+    monkeypatch.setattr(L, "attention_kl", lambda *a: (_ for _ in ()).throw(AssertionError("computed")))
+    out = L.multilevel_loss(a._replace(attn=None), b._replace(attn=None), 1, 1, 0, 1)
+    assert out["loss/attn"].item() == 0
+
+
+def test_attention_kl_matches_definition_and_handles_zero_probability():
+    s, t = torch.randn(3, 2, 10), torch.randn(3, 2, 10)
+    tau = 0.7
+    p, q = (t / tau).softmax(-1), (s / tau).softmax(-1)
+    ref = (p * (p.log() - q.log())).sum(-1).mean()
+    torch.testing.assert_close(attention_kl(s, t, tau), ref)
+    t[..., 0] = -1e9  # teacher gives a patch zero probability: no NaN
+    assert torch.isfinite(attention_kl(s, t, tau))
+    with pytest.raises(ValueError, match="tau=0"):
+        attention_kl(s, t, 0)
+
+
+def test_attention_kl_fp32_under_bf16_inputs():
+    s, t = torch.randn(2, 2, 10).bfloat16(), torch.randn(2, 2, 10).bfloat16()
+    assert attention_kl(s, t, 1.0).dtype == torch.float32
+
+
+def test_contrastive_is_one_way_infonce():
+    s, t = torch.randn(6, 5), torch.randn(6, 5)
+    sn, tn = torch.nn.functional.normalize(s, dim=-1), torch.nn.functional.normalize(t, dim=-1)
+    logits = sn @ tn.T / 0.1
+    ref = -(logits.diag() - logits.logsumexp(1)).mean()
+    torch.testing.assert_close(contrastive_inversion_loss(s, t, 0.1)["loss"], ref)
+
+
+def test_gradients_reach_only_student(tiny_vit):
+    import copy
+
+    teacher = FrozenTeacher(copy.deepcopy(tiny_vit))
+    x = torch.rand(2, 3, 32, 32)
+    loss = multilevel_loss(tiny_vit.features(x * 0.5), teacher.features(x), 1, 1, 1, 1)["loss"]
+    loss.backward()
+    assert all(p.grad is not None for p in tiny_vit.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+@pytest.mark.parametrize("term", ["cls", "patch", "attn", "all", "contrastive"])
+def test_each_loss_decreases_under_sgd(tiny_vit, term):
+    import copy
+
+    teacher = FrozenTeacher(copy.deepcopy(tiny_vit))
+    torch.manual_seed(1)
+    for p in tiny_vit.parameters():  # start the student away from the teacher
+        p.data.add_(0.05 * torch.randn_like(p))
+    x = torch.rand(8, 3, 32, 32)
+    w = {"cls": (1, 0, 0), "patch": (0, 1, 0), "attn": (0, 0, 1), "all": (1, 1, 1)}.get(term)
+    opt = torch.optim.SGD(tiny_vit.parameters(), lr=0.05 if term != "attn" else 0.5)
+    losses = []
+    for _ in range(20):
+        if term == "contrastive":
+            loss = contrastive_inversion_loss(tiny_vit(x), teacher(x))["loss"]
+        else:
+            loss = multilevel_loss(tiny_vit.features(x), teacher.features(x), *w, tau=1.0)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
