@@ -318,17 +318,20 @@ PRESETS: dict[str, tuple[str, dict]] = {
 }
 
 
-def build(name: str, **params) -> Distortion:
+def build(name_or_preset: str, /, **params) -> Distortion:
     """Builds a distortion from a family name or a preset, with parameters overriding the preset.
 
     Args:
-        name: one of ``DISTORTIONS`` (``mask``, ``gaussian_noise``, ...) or ``PRESETS``
+        name_or_preset: one of ``DISTORTIONS`` (``mask``, ``gaussian_noise``, ...) or ``PRESETS``
             (``mask_strong``, ``blur_weak``, ...).
         **params: the family's parameters (``ratio``; ``sigma``, ``clip``; ``kernel_size``, ``sigma``).
 
     Raises:
         UserError: unknown name or parameter, or a parameter out of range.
     """
+    name = name_or_preset
+    if name == "corruption" and name not in DISTORTIONS:
+        import distortkd.corruptions  # noqa: F401  (registers the ImageNet-C style suite)
     if name in PRESETS:
         family, defaults = PRESETS[name]
         if family == "gaussian_blur" and "sigma" in params and "kernel_size" not in params:
@@ -337,7 +340,7 @@ def build(name: str, **params) -> Distortion:
     elif name in DISTORTIONS:
         family = name
     else:
-        raise unknown("distortion", name, [*DISTORTIONS, *PRESETS])
+        raise unknown("distortion", name, [*DISTORTIONS, *PRESETS, "corruption"])
     cls = DISTORTIONS[family]
     accepted = [f.name for f in fields(cls) if not f.name.startswith("_")]
     bad = sorted(set(params) - set(accepted))
@@ -351,3 +354,14 @@ def build(name: str, **params) -> Distortion:
 def sample_seeds(index: Tensor, run_seed: int) -> Tensor:
     """Per-sample seeds from dataset indices and a run seed, so eval corruption is fixed per image."""
     return index.long() * 1_000_003 + int(run_seed)
+
+
+# The parameter that a family's one-number severity sets (figure 2's x-axis).
+SEVERITY_PARAM = {"mask": "ratio", "gaussian_noise": "sigma", "gaussian_blur": "sigma"}
+
+
+def at_severity(family: str, severity: float) -> Distortion:
+    """The distortion of ``family`` at one severity (blur kernels follow σ as 4σ + 1)."""
+    if family not in SEVERITY_PARAM:
+        raise unknown("distortion family with a severity", family, SEVERITY_PARAM)
+    return build(family, **{SEVERITY_PARAM[family]: float(severity)})

@@ -1,0 +1,527 @@
+"""Throughput benchmarks: ``distortkd-bench taps|step|distort|data`` (also ``python -m distortkd.bench``).
+
+Each sub-command prints the exact command line, the environment, and one table row per variant:
+median ms per iteration over ``--iters`` timed iterations after ``--warmup`` untimed ones, images/s
+(batch / median) and peak memory. Variants are timed interleaved (A B, B A, A B, ...) so that clock
+and thermal drift hit every variant alike. ``--json PATH`` writes the same figures.
+
+Models are timm names built with random weights (``pretrained=False``): throughput does not depend on
+the weights, and the benchmark needs no network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.utils import flop_counter
+
+from distortkd.distortions import PRESETS, Distortion, build
+from distortkd.errors import UserError
+from distortkd.losses import multilevel_loss
+from distortkd.steps import distill_loss, supervised_loss
+from distortkd.vit import Encoder, FrozenTeacher, build_vit, extract_features
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# --tiny: a ViT of a few tens of thousands of parameters, for the tests.
+TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity); the first substring of the device name wins.
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("B200", 2250.0),
+    ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10", 125.0),
+)
+MEM_NOTE = {
+    "cuda": "peak_MiB: torch.cuda.max_memory_allocated during the variant's own calls",
+    "cpu": "peak_MiB: process max RSS (ru_maxrss) after the variant's warm-up; cumulative over "
+    "variants in table order, so only increases between rows are attributable to a variant",
+}
+
+
+@dataclass
+class Result:
+    """Timings of one variant; ``ms`` holds every timed iteration."""
+
+    name: str
+    batch: int
+    ms: list[float]
+    peak_mib: float
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.ms)
+
+    @property
+    def ips(self) -> float:
+        return self.batch / self.median_ms * 1e3
+
+    def row(self) -> dict:
+        return {"variant": self.name, "median_ms": self.median_ms, "min_ms": min(self.ms), "img/s": self.ips,
+                "peak_MiB": self.peak_mib, **self.extra}
+
+
+@dataclass
+class Bench:
+    """What every sub-command needs: the parsed arguments, device and autocast dtype."""
+
+    args: argparse.Namespace
+    device: torch.device
+    dtype: torch.dtype | None
+
+    def autocast(self):
+        if self.dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def peak_mib(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+    def reset_peak(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def measure(self, fns: dict[str, Callable[[], object]], batch: int) -> dict[str, Result]:
+        """Warms each variant up in turn, then times ``--iters`` rounds of all variants interleaved.
+
+        The order alternates every round (A B, B A, ...) so neither variant always runs first.
+        """
+        peak = {}
+        for name, fn in fns.items():
+            self.reset_peak()
+            for _ in range(self.args.warmup):
+                fn()
+            self.sync()
+            peak[name] = self.peak_mib()
+        ms: dict[str, list[float]] = {name: [] for name in fns}
+        order = list(fns)
+        for i in range(self.args.iters):
+            for name in order if i % 2 == 0 else order[::-1]:
+                self.reset_peak()
+                self.sync()
+                t0 = time.perf_counter()
+                fns[name]()
+                self.sync()
+                ms[name].append((time.perf_counter() - t0) * 1e3)
+                if self.device.type == "cuda":
+                    peak[name] = max(peak[name], self.peak_mib())
+        return {name: Result(name, batch, ms[name], peak[name]) for name in fns}
+
+    def images(self, batch: int | None = None) -> Tensor:
+        """Uniform ``[0, 1]`` images ``[B, 3, S, S]`` on the device, fp32 (autocast casts them)."""
+        size = self.args.img_size
+        return torch.rand(batch or self.args.batch, 3, size, size, device=self.device)
+
+    def encoder(self, name: str | None = None) -> Encoder:
+        """The ``--model`` ViT with random weights on the device (same init for every call)."""
+        kwargs = dict(TINY) if self.args.tiny else {"img_size": self.args.img_size}
+        torch.manual_seed(0)
+        return build_vit(name or self.args.model, pretrained=False, **kwargs).to(self.device)
+
+
+def paired_ratio(a: Result, b: Result) -> float:
+    """Median over rounds of ``a``'s time / ``b``'s time in the same round: robust to drift."""
+    return statistics.median(t / u for t, u in zip(a.ms, b.ms, strict=True))
+
+
+# ----------------------------------------------------------------------------- taps
+
+
+def cmd_taps(b: Bench) -> tuple[list[Result], dict]:
+    """``forward_features`` vs ``extract_features`` (with and without attention), inference."""
+    model = b.encoder().backbone.eval()
+    x = b.images()
+
+    def plain(t):
+        return model.forward_features(t)
+
+    def taps(t):
+        return extract_features(model, t)
+
+    def taps_no_attn(t):
+        return extract_features(model, t, with_attn=False)
+
+    fns = {"forward_features": plain, "extract_features": taps, "extract_features[no_attn]": taps_no_attn}
+
+    def run(fn):
+        with torch.no_grad(), b.autocast():
+            fn(x)
+
+    fns = {k: partial(run, torch.compile(f) if b.args.compile else f) for k, f in fns.items()}
+    res = b.measure(fns, b.args.batch)
+    a, p = res["extract_features"], res["forward_features"]
+    summary = {"ratio_extract_over_plain": a.median_ms / p.median_ms,
+               "ratio_paired_median": paired_ratio(a, p), "target_max": 1.03}
+    return list(res.values()), summary
+
+
+# ----------------------------------------------------------------------------- step
+
+
+def train_step(b: Bench, params, loss_of: Callable[..., Tensor], compile: bool) -> Callable:
+    """One optimiser step ``step(*inputs)`` with AdamW (fused on CUDA, foreach on CPU)."""
+    fused = b.device.type == "cuda"
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=fused or None, foreach=not fused)
+    scaler = torch.amp.GradScaler(b.device.type, enabled=b.dtype is torch.float16)
+    forward = torch.compile(loss_of) if compile else loss_of
+
+    def step(*inputs):
+        opt.zero_grad(set_to_none=True)
+        with b.autocast():
+            loss = forward(*inputs)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        return loss
+
+    return step
+
+
+def distill_step(b: Bench, teacher: FrozenTeacher, distortion: Distortion, gamma: float,
+                 compile: bool = False, model: str | None = None) -> tuple[Callable, Callable]:
+    """Returns ``(step(images), loss(images))`` of a fresh student distilled from ``teacher``."""
+    student = b.encoder(model).train()
+    loss_fn = partial(multilevel_loss, gamma=gamma)
+
+    def loss_of(images: Tensor) -> Tensor:
+        return distill_loss(student, teacher, distortion, loss_fn, images, with_attn=gamma > 0)["loss"]
+
+    return train_step(b, student.parameters(), loss_of, compile), loss_of
+
+
+def supervised_step(b: Bench, distortion: Distortion, compile: bool = False) -> tuple[Callable, Callable]:
+    """Returns ``(step(images, labels), loss(images, labels))``: the student plus a linear head."""
+    student = b.encoder().train()
+    head = nn.Linear(student.embed_dim, b.args.classes).to(b.device)
+
+    def loss_of(images: Tensor, labels: Tensor) -> Tensor:
+        return supervised_loss(student, head, distortion, images, labels)[0]
+
+    params = [*student.parameters(), *head.parameters()]
+    return train_step(b, params, loss_of, compile), loss_of
+
+
+def flops_per_image(b: Bench, loss_of: Callable, *inputs: Tensor) -> float:
+    """FLOPs of one forward+backward per image, by ``FlopCounterMode`` (optimizer excluded).
+
+    torch has no formula for the CPU flash-attention kernel; it is given the CUDA kernels' one.
+    """
+    cpu_sdpa = {
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda q, k, v, *_, out_shape=None, **__: flop_counter.sdpa_flop_count(q, k, v),
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda g, q, k, v, *_, out_shape=None, **__: flop_counter.sdpa_backward_flop_count(g, q, k, v),
+    }
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
+        with b.autocast():
+            loss = loss_of(*inputs)
+        loss.backward()
+    return counter.get_total_flops() / inputs[0].shape[0]
+
+
+def peak_tflops(b: Bench) -> float | None:
+    """``--peak-tflops``, else the bf16 table entry for a CUDA device in bf16, else None."""
+    if b.args.peak_tflops:
+        return b.args.peak_tflops
+    if b.device.type != "cuda" or b.dtype is not torch.bfloat16:
+        return None
+    name = torch.cuda.get_device_name(b.device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
+
+
+def step_variants(b: Bench) -> tuple[dict[str, Callable], dict[str, float]]:
+    """Step functions (bound to their inputs) and FLOPs per image of every ``step`` variant."""
+    teacher = FrozenTeacher(b.encoder())
+    distortion = build(b.args.distortion)
+    x = b.images()
+    y = torch.randint(0, b.args.classes, (b.args.batch,), device=b.device)
+    specs = {"supervised": (supervised_step, (distortion,), (x, y)),
+             "distill": (distill_step, (teacher, distortion, 1.0), (x,)),
+             "distill[no_attn]": (distill_step, (teacher, distortion, 0.0), (x,))}
+    fns, flops = {}, {}
+    for compile in (False, True) if b.args.compile else (False,):
+        for name, (make, make_args, inputs) in specs.items():
+            if compile and name == "distill[no_attn]":
+                continue
+            step, loss_of = make(b, *make_args, compile=compile)
+            key = name + "+compile" if compile else name
+            fns[key] = partial(step, *inputs)
+            flops[key] = flops[name] if compile else flops_per_image(b, loss_of, *inputs)
+    return fns, flops
+
+
+def cmd_step(b: Bench) -> tuple[list[Result], dict]:
+    """Distillation step vs supervised fine-tune step of the same student, images/s and MFU."""
+    fns, flops = step_variants(b)
+    res = b.measure(fns, b.args.batch)
+    peak = peak_tflops(b)
+    for name, r in res.items():
+        r.extra["GFLOP/img"] = flops[name] / 1e9
+        if peak:
+            r.extra["MFU_%"] = 100 * flops[name] * r.ips / (peak * 1e12)
+    summary = {"flops": "FlopCounterMode, one fwd+bwd, optimizer excluded", "peak_tflops": peak,
+               "target_max": 1.40}
+    for suffix in ("", "+compile"):
+        if "distill" + suffix in res:
+            ratio = res["distill" + suffix].median_ms / res["supervised" + suffix].median_ms
+            summary[f"ratio_distill{suffix}_over_supervised{suffix}"] = ratio
+            summary[f"ratio_distill{suffix}_paired_median"] = paired_ratio(
+                res["distill" + suffix], res["supervised" + suffix])
+    summary["ratio_distill[no_attn]_over_supervised"] = (
+        res["distill[no_attn]"].median_ms / res["supervised"].median_ms)
+    summary["flop_ratio_distill_over_supervised"] = flops["distill"] / flops["supervised"]
+    return list(res.values()), summary
+
+
+# ----------------------------------------------------------------------------- distort
+
+
+def measure_step_ips(b: Bench) -> float:
+    """Images/s of the attention-distillation step of ``--model`` at ``--step-batch``."""
+    batch = b.args.step_batch or b.args.batch
+    teacher = FrozenTeacher(b.encoder())
+    step, _ = distill_step(b, teacher, build("mask_weak"), gamma=1.0)
+    return b.measure({"distill": partial(step, b.images(batch))}, batch)["distill"].ips
+
+
+def cmd_distort(b: Bench) -> tuple[list[Result], dict]:
+    """Every preset with the global generator and with per-sample seeds, vs the model step."""
+    x = b.images()
+    seeds = torch.arange(b.args.batch, device=b.device) * 1_000_003
+
+    def run(d: Distortion, s: Tensor | None):
+        with torch.no_grad(), b.autocast():
+            d(x, s)
+
+    fns = {}
+    for name in PRESETS:
+        d = build(name)
+        fns[name], fns[name + "+seeds"] = partial(run, d, None), partial(run, d, seeds)
+    res = b.measure(fns, b.args.batch)
+    step_ips = measure_step_ips(b) if b.args.with_step else b.args.step_ips
+    if step_ips:
+        for r in res.values():
+            r.extra["x_step"] = r.ips / step_ips
+    summary = {"step_ips": step_ips, "step_model": b.args.model if b.args.with_step else None,
+               "target_min_x_step": 10.0}
+    return list(res.values()), summary
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def write_imagefolder(root: Path, n: int, classes: int, size=(500, 400)) -> Path:
+    """Writes ``n`` random-texture JPEGs (~500×400) in ``classes`` folders under ``root/train``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        folder = root / "train" / f"class_{i % classes:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        # Smooth noise compresses like a photo (~50 KB), unlike white noise.
+        small = rng.integers(0, 256, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize(size, Image.BILINEAR)
+        img.save(folder / f"{i:05d}.jpg", quality=90)
+    return root
+
+
+def cmd_data(b: Bench) -> tuple[list[Result], dict]:
+    """Images/s of the training DataLoader of ``ImageDataModule`` per worker count."""
+    try:
+        from distortkd.data import DATASETS, ImageDataModule
+    except ImportError as err:
+        raise UserError(f"the data benchmark needs distortkd.data.ImageDataModule ({err})") from None
+    classes = DATASETS["imagenet100"].num_classes  # the spec refuses any other class count
+    if b.args.num_images < classes:
+        raise UserError(f"--num-images {b.args.num_images} leaves imagenet100 classes empty; "
+                        f"accepted: >= {classes}")
+    res = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_imagefolder(Path(tmp) / "images", b.args.num_images, classes)
+        for workers in b.args.workers:
+            dm = ImageDataModule("imagenet100", path=str(root), image_size=b.args.img_size,
+                                 batch_size=b.args.batch, num_workers=workers,
+                                 pin_memory=b.device.type == "cuda", cache_dir=f"{tmp}/cache")
+            res[f"workers={workers}"] = time_loader(b, dm.train_dataloader())
+    return list(res.values()), {"images": b.args.num_images, "classes": classes,
+                                "source": "generated JPEG imagefolder, ~500x400, decoded by PIL"}
+
+
+def time_loader(b: Bench, loader) -> Result:
+    """Times ``--iters`` batches after ``--warmup`` batches (worker start-up); loops epochs."""
+    def batches():
+        while True:
+            yield from loader
+
+    it = batches()
+    peak0 = b.peak_mib()
+    for _ in range(max(1, b.args.warmup)):
+        next(it)
+    ms, n = [], 0
+    start = time.perf_counter()
+    for _ in range(b.args.iters):
+        t0 = time.perf_counter()
+        batch = next(it)
+        ms.append((time.perf_counter() - t0) * 1e3)
+        n += len(batch["image"])
+    total = time.perf_counter() - start
+    name = f"workers={loader.num_workers}"
+    return Result(name, loader.batch_size, ms, max(peak0, b.peak_mib()), {"stream_img/s": n / total})
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distortkd-bench", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    specs = {"taps": (32, 10, "vit_small_patch16_224", cmd_taps.__doc__),
+             "step": (16, 10, "vit_small_patch16_224", cmd_step.__doc__),
+             "distort": (64, 10, "vit_base_patch16_224", cmd_distort.__doc__),
+             "data": (64, 20, "-", cmd_data.__doc__)}
+    for name, (batch, iters, model, doc) in specs.items():
+        s = sub.add_parser(name, help=doc.split("\n")[0], description=doc)
+        s.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+        s.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="autocast dtype")
+        s.add_argument("--batch", type=int, default=batch)
+        s.add_argument("--img-size", type=int, default=224)
+        s.add_argument("--iters", type=int, default=iters, help="timed iterations (batches for data)")
+        s.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
+        s.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+        s.add_argument("--json", type=Path, default=None, help="also write the figures here")
+        s.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+        if name != "data":
+            s.add_argument("--model", default=model, help="timm ViT name (random init)")
+        if name in ("taps", "step"):
+            s.add_argument("--compile", action="store_true", help="torch.compile (slow to compile)")
+    step, distort, data = sub.choices["step"], sub.choices["distort"], sub.choices["data"]
+    step.add_argument("--distortion", default="mask_weak", help="preset applied in both steps")
+    step.add_argument("--classes", type=int, default=1000, help="linear head width")
+    step.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU")
+    distort.add_argument("--step-ips", type=float, default=None, help="distill step img/s to compare")
+    distort.add_argument("--with-step", action="store_true", help="measure --model's distill step")
+    distort.add_argument("--step-batch", type=int, default=None, help="batch of --with-step")
+    data.add_argument("--workers", type=_int_list, default=[0, 1, 2], help="e.g. 0,1,2")
+    data.add_argument("--num-images", type=int, default=512)
+    return p
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        name = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def _bench(args: argparse.Namespace) -> Bench:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but torch sees no CUDA device; accepted: cpu")
+    if args.iters < 1 or args.warmup < 0 or args.batch < 1:
+        raise UserError(f"need --iters >= 1, --warmup >= 0, --batch >= 1; got "
+                        f"{args.iters}, {args.warmup}, {args.batch}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.tiny:
+        args.img_size = TINY["img_size"]
+    return Bench(args, torch.device(args.device), DTYPES[args.dtype])
+
+
+def header(b: Bench, argv: Sequence[str]) -> dict:
+    a = b.args
+    return {"command": shlex.join(["distortkd-bench", *argv]), "device": device_name(b.device),
+            "torch": torch.__version__, "dtype": a.dtype, "batch": a.batch, "image_size": a.img_size,
+            "model": getattr(a, "model", "-") + (" (tiny)" if a.tiny else ""),
+            "warmup": a.warmup, "iters": a.iters, "loadavg": "%.2f %.2f %.2f" % os.getloadavg(), **({"compile": a.compile} if "compile" in a else {})}
+
+
+def render(env: dict, results: list[Result], summary: dict, device: str) -> str:
+    """Header lines, the aligned table, then the summary lines."""
+    lines = [f"$ {env['command']}"]
+    lines += [f"{k + ':':<11} {v}" for k, v in env.items() if k != "command"]
+    rows = [r.row() for r in results]
+    cols = list(dict.fromkeys(k for row in rows for k in row))
+
+    def cell(v):
+        return "-" if v is None else v if isinstance(v, str) else _fmt(v)
+
+    table = [cols] + [[cell(row.get(c)) for c in cols] for row in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(cols))]
+    lines.append("")
+    for r in table:
+        lines.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w)
+                               for i, (v, w) in enumerate(zip(r, widths, strict=True))))
+    lines.append("")
+    lines += [f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in summary.items()]
+    lines.append(MEM_NOTE[device])
+    return "\n".join(lines)
+
+
+def _fmt(v: float) -> str:
+    """Four significant digits, never in exponent notation (``1234``, ``12.35``, ``0.001235``)."""
+    if v == 0 or not math.isfinite(v):
+        return str(v)
+    return f"{v:.{max(0, 3 - math.floor(math.log10(abs(v))))}f}"
+
+
+COMMANDS = {"taps": cmd_taps, "step": cmd_step, "distort": cmd_distort, "data": cmd_data}
+
+
+def run(argv: Sequence[str] | None = None) -> dict:
+    """Parses ``argv``, runs the sub-command, prints the table; returns what ``--json`` writes."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    b = _bench(args)
+    results, summary = COMMANDS[args.command](b)
+    env = header(b, argv)
+    print(render(env, results, summary, b.device.type), flush=True)
+    out = {"env": env, "results": [{**r.row(), "ms": r.ms} for r in results], "summary": summary}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        run(argv)
+    except UserError as err:
+        print(f"distortkd-bench: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

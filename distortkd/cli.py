@@ -1,0 +1,204 @@
+"""Hydra entry points: ``distortkd-distill``, ``distortkd-finetune``, ``distortkd-evaluate``.
+
+Each reads top to bottom: build data, model, callbacks, loggers, trainer; fit; test; write
+``config.yaml`` and ``metrics.json`` next to the checkpoints; return the metric a sweeper optimises.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import traceback
+from functools import partial
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from distortkd import distortions
+from distortkd.errors import UserError, unknown
+from distortkd.losses import LOSSES
+from distortkd.modules import DistillModule, FinetuneModule, load_encoder_weights
+from distortkd.training import make_trainer, write_json
+from distortkd.vit import build_encoder
+
+CONF = str(Path(__file__).resolve().parent.parent / "conf")
+# The supervised baseline starts from the pretrained weights; ours and CI from a distilled student.
+OmegaConf.register_new_resolver(
+    "init_for", lambda method: "pretrained" if method == "supervised" else "auto", replace=True
+)
+
+
+def build_model(cfg: DictConfig, pretrained: bool | None = None):
+    """The encoder a ``model/`` config describes.
+
+    Weights: the hub (``pretrained``), a local timm ``weights_file`` (``.safetensors``/``.pth``), or a
+    ``.ckpt`` of one of our runs (a distilled student or a fine-tuned backbone). ``pretrained=False``
+    builds the architecture only (weights about to be loaded from elsewhere).
+    """
+    load = cfg.pretrained or cfg.weights_file is not None if pretrained is None else pretrained
+    ckpt = load and cfg.weights_file is not None and str(cfg.weights_file).endswith(".ckpt")
+    encoder = build_encoder(
+        cfg.name,
+        pretrained=bool(load and not ckpt),
+        weights_file=cfg.weights_file if load and not ckpt else None,
+        mean=tuple(cfg.mean) if cfg.get("mean") else None,
+        std=tuple(cfg.std) if cfg.get("std") else None,
+        keep_head=cfg.get("keep_head", False),
+        **OmegaConf.to_container(cfg.get("timm_kwargs") or {}),
+    )
+    if ckpt:
+        load_encoder_weights(encoder, cfg.weights_file)
+    return encoder
+
+
+def build_distortion(cfg: DictConfig) -> distortions.Distortion:
+    return distortions.build(cfg.family, **OmegaConf.to_container(cfg.params or {}))
+
+
+def build_loss(cfg: DictConfig):
+    """``(loss_fn with parameters bound, contrastive?, needs attention taps?)``."""
+    if cfg.fn not in LOSSES:
+        raise unknown("loss function", cfg.fn, LOSSES)
+    params = OmegaConf.to_container(cfg.params or {})
+    contrastive = cfg.fn == "contrastive"
+    return partial(LOSSES[cfg.fn], **params), contrastive, not contrastive and params.get("gamma", 0) != 0
+
+
+def resolve_init(cfg: DictConfig) -> str | None:
+    """The student checkpoint a fine-tune starts from: explicit path, ``auto``, or None (pretrained)."""
+    if cfg.init in (None, "pretrained"):
+        return None
+    if cfg.init != "auto":
+        return str(cfg.init)
+    run = Path(cfg.pretrain.run_dir)
+    for name in ("best.ckpt", "last.ckpt"):
+        if (run / "checkpoints" / name).is_file():
+            return str(run / "checkpoints" / name)
+    raise UserError(f"init=auto found no distilled student in {run}/checkpoints; run the distill "
+                    "job first or pass init=/path/to/student.ckpt")
+
+
+def run_distill(cfg: DictConfig, run_dir: Path) -> dict:
+    datamodule = instantiate(cfg.data)
+    student, teacher = build_model(cfg.model), build_model(cfg.model)
+    teacher.load_state_dict(student.state_dict())  # identical start even for random-init models
+    loss_fn, contrastive, with_attn = build_loss(cfg.loss)
+    module = DistillModule(
+        student, teacher, build_distortion(cfg.distortion), loss_fn,
+        optimizer=instantiate(cfg.optim.optimizer), warmup=cfg.optim.warmup,
+        eval_seed=cfg.seed, with_attn=with_attn, contrastive=contrastive, compile=cfg.model.compile,
+    )
+    trainer = make_trainer(cfg, run_dir, monitor="val/loss", mode="min")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg, run_dir))
+    return _metrics(trainer)
+
+
+def run_finetune(cfg: DictConfig, run_dir: Path) -> dict:
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    encoder = build_model(cfg.model, pretrained=None if resolve_init(cfg) is None else False)
+    if (init := resolve_init(cfg)) is not None:
+        load_encoder_weights(encoder, init)
+    module = FinetuneModule(
+        encoder, datamodule.num_classes, build_distortion(cfg.distortion),
+        optimizer=instantiate(cfg.optim.optimizer), mode=cfg.finetune.mode,
+        warmup=cfg.optim.warmup, eval_seed=cfg.seed,
+        knn_k=cfg.finetune.knn_k, knn_temperature=cfg.finetune.knn_temperature,
+    )
+    trainer = make_trainer(cfg, run_dir, monitor="val/acc1", mode="max")
+    if cfg.finetune.mode == "knn":
+        trainer.validate(module, datamodule=datamodule)
+    else:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg, run_dir))
+    metrics = _metrics(trainer)
+    ckpt = None if cfg.finetune.mode == "knn" or cfg.finetune.test_ckpt == "last" else "best"
+    trainer.test(module, datamodule=datamodule, ckpt_path=ckpt)
+    return {**metrics, **_metrics(trainer)}
+
+
+def run_evaluate(cfg: DictConfig, run_dir: Path) -> dict:
+    """Accuracy (and representation diagnostics) of a fine-tuned checkpoint over a distortion grid."""
+    from distortkd.evaluation import evaluate_grid
+
+    return evaluate_grid(cfg, run_dir, build_model)
+
+
+def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if cfg.get("resume", True) and last.is_file():
+        print(f"resuming from {last}", file=sys.stderr)
+        return str(last)
+    return None
+
+
+def _metrics(trainer: L.Trainer) -> dict:
+    out = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
+    ckpt = trainer.checkpoint_callback
+    if ckpt is not None and ckpt.best_model_score is not None:
+        out[f"best/{ckpt.monitor}"] = float(ckpt.best_model_score)
+    return out
+
+
+def _main(cfg: DictConfig, run) -> float:
+    """Runs one job; in a multirun a failing job is recorded and the sweep goes on."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        if L.fabric.utilities.rank_zero.rank_zero_only.rank == 0:
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        metrics = run(cfg, run_dir)
+        _write_metrics(run_dir, {**metrics, "status": "ok"})
+        return float(metrics.get(cfg.optimize_metric, math.nan))
+    except UserError as err:
+        _write_metrics(run_dir, {"status": "failed", "error": str(err)})
+        if multirun:
+            print(f"job failed: {err}", file=sys.stderr)
+            return math.nan
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as err:  # a crashed job must not take the rest of the sweep down
+        _write_metrics(run_dir, {"status": "failed", "error": f"{type(err).__name__}: {err}"})
+        (run_dir / "error.log").write_text(traceback.format_exc())
+        if not multirun:
+            raise
+        print(f"job failed ({type(err).__name__}: {err}); traceback in {run_dir}/error.log", file=sys.stderr)
+        return math.nan
+    finally:
+        _finish_wandb()
+
+
+def _write_metrics(run_dir: Path, metrics: dict) -> None:
+    if L.fabric.utilities.rank_zero.rank_zero_only.rank == 0:
+        write_json(run_dir / "metrics.json", metrics)
+
+
+def _finish_wandb() -> None:
+    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+        sys.modules["wandb"].finish()  # otherwise the next multirun job hangs on the open run
+
+
+@hydra.main(config_path=CONF, config_name="distill", version_base="1.3")
+def distill(cfg: DictConfig) -> float:
+    return _main(cfg, run_distill)
+
+
+@hydra.main(config_path=CONF, config_name="finetune", version_base="1.3")
+def finetune(cfg: DictConfig) -> float:
+    return _main(cfg, run_finetune)
+
+
+@hydra.main(config_path=CONF, config_name="evaluate", version_base="1.3")
+def evaluate(cfg: DictConfig) -> float:
+    return _main(cfg, run_evaluate)
+
+
+if __name__ == "__main__":
+    {"distill": distill, "finetune": finetune, "evaluate": evaluate}[sys.argv.pop(1)]()

@@ -1,0 +1,575 @@
+"""One LightningDataModule over Hugging Face ``datasets``, configured per dataset by a ``DatasetSpec``.
+
+Batches are clean: ``{"image": [B, C, S, S] float32 in [0, 1], "label": [B] int64, "index": [B]
+int64}``, ``index`` being the sample's row in its underlying split (stable across runs: it seeds
+per-sample eval distortions, applied later on the device; this module knows nothing of them).
+
+Subsets never renumber ``index`` and compose in this order: ``train_subset`` (a row range of train)
+→ CAMELYON17's OOD filter → ``label_fraction`` (train only) → ``limit_train`` / ``limit_eval`` (the
+first K rows of a seeded shuffle; eval limits use seed 0 so every run sees the same eval images).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import logging
+import math
+import os
+import socket
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import datasets
+import huggingface_hub
+import lightning as L
+import numpy as np
+import PIL.Image
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, default_collate
+from torchvision.transforms import v2
+
+from distortkd.errors import UserError, unknown
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset: hub id, class count, role (``train``/``val``/``test``/``ood``) → split name.
+
+    ``small``: tight low-resolution images (≤ 96 px), resized whole to the model size for eval (no
+    ``crop_pct`` border). ``sizes``: rows of the full hub copy, checked on hub loads. ``ood``:
+    (column, value) marking the OOD rows of ``splits["ood"]``, which ``val`` then leaves out.
+    ``class_list``: file of class-folder names in label order. ``idx_dir``: default IDX folder.
+    ``names``: class names when the source has no ``ClassLabel``.
+    """
+
+    hub_id: str
+    num_classes: int
+    splits: dict
+    image_key: str = "image"
+    label_key: str = "label"
+    small: bool = False
+    in_memory: bool = False
+    sizes: dict | None = None
+    ood: tuple | None = None
+    class_list: str | None = None
+    idx_dir: str | None = None
+    names: tuple | None = None
+
+
+NO_VAL = {"train": "train", "val": "test", "test": "test"}  # no validation split: val = test
+DATASETS: dict[str, DatasetSpec] = {
+    # CMC's 100 classes (Tian et al. 2019); the one 5k validation split serves as val and test.
+    "imagenet100": DatasetSpec(
+        "clane9/imagenet-100", 100, {"train": "train", "val": "validation", "test": "validation"},
+        sizes={"validation": 5000}, class_list="imagenet100_classes.txt"),
+    "cifar10": DatasetSpec("uoft-cs/cifar10", 10, NO_VAL, image_key="img", small=True,
+                           sizes={"train": 50000, "test": 10000}),
+    "cifar100": DatasetSpec("uoft-cs/cifar100", 100, NO_VAL, image_key="img", small=True,
+                            label_key="fine_label", sizes={"train": 50000, "test": 10000}),
+    "stl10": DatasetSpec("tanganke/stl10", 10, NO_VAL, small=True,
+                         sizes={"train": 5000, "test": 8000}),
+    "resisc45": DatasetSpec("timm/resisc45", 45,
+                            {"train": "train", "val": "validation", "test": "test"}),
+    # WILDS: train = hospitals 0, 3, 4; validation = ID val (0, 3, 4) + OOD val (hospital 1);
+    # test = hospital 2. Here val is the ID part and ood the hospital-1 part.
+    "camelyon17": DatasetSpec(
+        "wltjr1007/Camelyon17-WILDS", 2,
+        {"train": "train", "val": "validation", "test": "test", "ood": "validation"},
+        ood=("center", 1), sizes={"train": 302436, "validation": 68464, "test": 85054},
+        names=("normal", "tumor")),
+    "fashion_mnist": DatasetSpec(
+        "zalando-datasets/fashion_mnist", 10, NO_VAL, small=True, in_memory=True,
+        sizes={"train": 60000, "test": 10000}, idx_dir="/usr/share/datasets/fashion-mnist",
+        names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+               "Sneaker", "Bag", "Ankle boot")),
+}
+_ERRORS = (OSError, ValueError, datasets.exceptions.DatasetsError)  # what loading raises
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError)  # truncated, unidentified or malformed files
+
+
+@lru_cache(maxsize=1)
+def _hub_unreachable(timeout: float = 3.0) -> bool:
+    """One TCP connect: without it an offline ``load_dataset`` retries for ~25 s before failing."""
+    if urllib.request.getproxies().get("https"):
+        return False  # behind a proxy, let the proxy decide
+    url = urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return False
+    except OSError:
+        return True
+
+
+@contextmanager
+def _offline_mode():
+    """Offline mode for one call: both libraries read their env vars at import, so set the flags."""
+    saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
+
+
+def load_hub_split(name: str, split: str, cache_dir: str | None = None) -> datasets.Dataset:
+    """One split from the hub or its local cache; offline and uncached, a one-line ``UserError``."""
+    spec = DATASETS[name]
+    flags = [os.environ.get(k, "").upper() for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")]
+    offline = bool({"1", "ON", "YES", "TRUE"} & set(flags)) or datasets.config.HF_HUB_OFFLINE
+    offline = offline or _hub_unreachable()
+    try:
+        with _offline_mode() if offline else nullcontext():
+            ds = datasets.load_dataset(spec.hub_id, split=split, cache_dir=cache_dir)
+    except _ERRORS as err:
+        why = "offline and not in the cache" if offline else str(err).strip().split("\n")[0][:160]
+        raise UserError(f"cannot load dataset {name!r} from the Hugging Face Hub ({spec.hub_id}, "
+                        f"split {split!r}): {why}; set data.path=<local copy> (save_to_disk "
+                        "folder, parquet files or image folder)") from None
+    expected = (spec.sizes or {}).get(split)
+    if expected is not None and len(ds) != expected:
+        raise UserError(f"{spec.hub_id} split {split!r} has {len(ds):,} rows; the full hub copy "
+                        f"has {expected:,} (use data.path for a partial local copy)")
+    return ds
+
+
+def open_local(path: str | Path, cache_dir: str | None = None) -> datasets.DatasetDict:
+    """A local copy: ``save_to_disk`` folder, parquet shards in the hub layout, or image folder."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UserError(f"data.path {str(path)!r} does not exist")
+    if (path / "dataset_dict.json").exists():
+        return datasets.load_from_disk(str(path))
+    try:  # load_dataset picks the parquet or the imagefolder builder from the files it finds
+        return datasets.load_dataset(str(path), cache_dir=cache_dir)
+    except _ERRORS as err:
+        raise UserError(f"data.path {str(path)!r} holds no dataset that `datasets` reads: "
+                        f"{str(err).strip().split(chr(10))[0][:160]}") from None
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (``.gz`` or raw) as uint8: images ``[N, 28, 28]`` or labels ``[N]``.
+
+    By hand: torchvision's IDX reader takes uncompressed files only, and Debian ships ``.gz``.
+    """
+    path = path if path.exists() else path.with_suffix("")
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+        data = f.read()
+    if data[:3] != b"\0\0\x08":  # magic: two zero bytes, then type code 8 = uint8
+        raise UserError(f"{path} is not a uint8 IDX file")
+    dims = np.frombuffer(data, ">u4", count=data[3], offset=4).astype(int)
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * data[3]).reshape(dims)
+
+
+def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Sorted positions of a seeded, stratified ``fraction`` of ``labels [N]``.
+
+    Each class keeps ``round(fraction * count)`` images (halves round up); a fraction that would
+    keep none of some class is refused, naming the smallest class count.
+    """
+    classes, counts = np.unique(labels, return_counts=True)
+    keep = np.floor(counts * fraction + 0.5).astype(int)
+    if len(keep) and keep.min() == 0:
+        n = int(counts.min())
+        raise UserError(f"label_fraction {fraction} leaves a class without train images: the "
+                        f"smallest class has {n} images; accepted: label_fraction >= {0.5 / n:.3g}")
+    rng = np.random.default_rng(seed)
+    picks = [rng.permutation(np.flatnonzero(labels == c))[:k]
+             for c, k in zip(classes, keep, strict=True)]
+    return np.sort(np.concatenate(picks or [np.arange(0)]))
+
+
+def first_k(index: np.ndarray, k: int | None, seed: int) -> np.ndarray:
+    """The first ``k`` entries of ``index`` after a seeded shuffle, in ascending order."""
+    if k is None or k >= len(index):
+        return index
+    return np.sort(np.random.default_rng(seed).permutation(index)[:k])
+
+
+def pil_transform(size: int, crop_pct: float, small: bool, train: bool, rrc_scale: tuple):
+    """PIL image → ``[C, S, S]`` float32 in ``[0, 1]``: RRC + flip (train), resize + center crop."""
+    if train:
+        geometry = [v2.RandomResizedCrop(size, scale=rrc_scale, antialias=True),
+                    v2.RandomHorizontalFlip()]
+    else:
+        geometry = [v2.Resize(size if small else math.floor(size / crop_pct), antialias=True),
+                    v2.CenterCrop(size)]
+    return v2.Compose([*geometry, v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+
+
+def rrc_boxes(n: int, h: int, w: int, scale: tuple, ratio: tuple = (3 / 4, 4 / 3)) -> Tensor:
+    """RandomResizedCrop boxes ``[n, 4]`` (x0, y0, width, height) in pixels of an ``h × w`` image.
+
+    torchvision's algorithm (10 tries, then the whole image clamped to ``ratio``) vectorised, as
+    ``RandomResizedCrop.get_params`` costs ~30 µs per box in Python.
+    """
+    area = torch.empty(n, 10).uniform_(*scale) * (h * w)
+    r = torch.empty(n, 10).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
+    cw, ch = (area * r).sqrt().round(), (area / r).sqrt().round()
+    ok = (cw > 0) & (ch > 0) & (cw <= w) & (ch <= h)
+    first, found = ok.int().argmax(1, keepdim=True), ok.any(1)
+    fw = min(w, round(h * ratio[1])) if w / h > ratio[1] else w
+    fh = min(h, round(w / ratio[0])) if w / h < ratio[0] else h
+    cw = torch.where(found, cw.gather(1, first)[:, 0], float(fw))
+    ch = torch.where(found, ch.gather(1, first)[:, 0], float(fh))
+    x0, y0 = (torch.rand(n) * (w - cw + 1)).floor(), (torch.rand(n) * (h - ch + 1)).floor()
+    return torch.stack([x0, y0, cw, ch], 1)
+
+
+def _resample_matrix(start: Tensor, length: Tensor, size: int, out: int) -> Tensor:
+    """PIL's antialiased bilinear (triangle filter) as a matrix ``[B, out, size]``: output pixel
+    ``o`` of the crop ``[start, start + length)`` of an axis averages around ``start + (o + 0.5) *
+    scale``, with the filter widened by ``scale`` when shrinking."""
+    scale = length / out
+    centres = start[:, None] + (torch.arange(out) + 0.5) * scale[:, None]
+    dist = (torch.arange(size) + 0.5)[None, None, :] - centres[:, :, None]
+    weight = (1 - dist.abs() / scale.clamp(min=1)[:, None, None]).clamp(min=0)
+    return weight / weight.sum(-1, keepdim=True)
+
+
+def resized_crop(x: Tensor, boxes: Tensor, size: int, flip: Tensor | None = None) -> Tensor:
+    """Crops ``boxes [B, 4]`` (x0, y0, w, h) of ``x [B, C, h, w]`` and resizes each to ``size²``.
+
+    By hand: torchvision resizes one crop at a time and ``roi_align``/``grid_sample`` are slower
+    on CPU; crop-and-resize is separable, so a batch is two batched matmuls. ``flip [B]`` mirrors
+    samples for free (reversed column weights).
+    """
+    rows = _resample_matrix(boxes[:, 1], boxes[:, 3], x.shape[-2], size)
+    cols = _resample_matrix(boxes[:, 0], boxes[:, 2], x.shape[-1], size)
+    if flip is not None:
+        cols = torch.where(flip[:, None, None], cols.flip(1), cols)
+    return rows[:, None] @ x @ cols.transpose(1, 2)[:, None]
+
+
+@dataclass(frozen=True)
+class BatchTransform:
+    """uint8 ``[B, C, h, w]`` → float32 ``[B, in_chans, S, S]`` in ``[0, 1]``: ``pil_transform``'s
+    geometry for a whole batch. Flip-only training (``rrc_scale`` (1, 1)) at the native size, and
+    eval at the native size of a ``small`` dataset, do no resampling at all."""
+
+    size: int
+    crop_pct: float
+    small: bool
+    train: bool
+    rrc_scale: tuple
+    in_chans: int
+
+    def __call__(self, x: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        x = x.float().div_(255)
+        flip = torch.rand(b) < 0.5 if self.train else None
+        whole = self.small or self.train or self.crop_pct == 1  # no center-crop border
+        if self.train and self.rrc_scale != (1.0, 1.0):
+            x = resized_crop(x, rrc_boxes(b, h, w, self.rrc_scale), self.size, flip)
+        elif (h, w) == (self.size, self.size) and whole:
+            x = x if flip is None else torch.where(flip[:, None, None, None], x.flip(-1), x)
+        else:  # a centred square: the whole short side, or crop_pct of it
+            side = min(h, w) * (1.0 if whole else self.crop_pct)
+            box = torch.tensor([(w - side) / 2, (h - side) / 2, side, side]).expand(b, 4)
+            x = resized_crop(x, box, self.size, flip)
+        return x if x.shape[1] == self.in_chans else x.expand(-1, self.in_chans, -1, -1).clone()
+
+
+def collate(batch):
+    """Batches come whole from ``__getitems__``; per-sample lists drop undecodable (None) ones."""
+    return batch if isinstance(batch, dict) else default_collate([s for s in batch if s is not None])
+
+
+class TensorImages(Dataset):
+    """A split held in memory as ``images [N, C, h, w]`` uint8 and ``labels [N]``; ``index`` picks
+    rows. ``__getitems__`` gathers and transforms a whole batch: no PIL, no per-sample Python."""
+
+    def __init__(self, images: Tensor, labels, index, transform: BatchTransform):
+        self.images, self.labels, self.transform = images, torch.as_tensor(labels), transform
+        self.index = torch.as_tensor(index, dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitems__(self, positions: list[int]) -> dict[str, Tensor]:
+        idx = self.index[torch.as_tensor(positions, dtype=torch.int64)]
+        return {"image": self.transform(self.images[idx]), "label": self.labels[idx], "index": idx}
+
+    def __getitem__(self, position: int) -> dict[str, Tensor]:
+        return {k: v[0] for k, v in self.__getitems__([position]).items()}
+
+
+class HFImages(Dataset):
+    """A split read lazily from a ``datasets`` table with an undecoded image column (``labels [N]``
+    covers the split, ``index`` picks rows), decoded with PIL in the DataLoader workers.
+
+    An undecodable file is logged, flagged in ``bad`` (shared memory: the main process sees what
+    the workers met) and left out of its batch; more than ``max_bad_fraction`` of the split bad
+    raises ``UserError``. ``transform=None``: ``decode_all`` holds the split in memory instead.
+    """
+
+    def __init__(self, table: datasets.Dataset, key: str, labels, index, transform, mode: str,
+                 max_bad_fraction: float, where: str):
+        self.table, self.key, self.mode = table, key, mode
+        self.transform = transform or v2.PILToTensor()
+        self.labels, self.index = np.asarray(labels, np.int64), np.asarray(index, np.int64)
+        self.max_bad, self.where = max_bad_fraction, where
+        self.bad = torch.zeros(len(self.index), dtype=torch.bool).share_memory_()
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _decode(self, value: dict, position: int) -> PIL.Image.Image | None:
+        try:  # convert() forces the full decode, so a truncated file fails here
+            with PIL.Image.open(io.BytesIO(value["bytes"]) if value["bytes"] else value["path"]) as im:
+                return im.convert(self.mode)
+        except _DECODE_ERRORS as err:
+            self.bad[position] = True
+            n_bad, path = int(self.bad.sum()), value.get("path")
+            log.warning("skipping undecodable image %s (row %d of %s): %s",
+                        path, self.index[position], self.where, err)
+            if n_bad > self.max_bad * len(self):
+                raise UserError(f"{n_bad} of {len(self)} images of {self.where} are undecodable, "
+                                f"more than max_bad_fraction {self.max_bad}; last: {path}") from None
+            return None
+
+    def __getitems__(self, positions: list[int]) -> dict[str, Tensor]:
+        values = self.table[self.index[positions].tolist()][self.key]
+        decoded = [(p, self._decode(v, p)) for p, v in zip(positions, values, strict=True)]
+        kept = [(p, self.transform(im)) for p, im in decoded if im is not None]
+        idx = self.index[[p for p, _ in kept]]
+        image = torch.stack([t for _, t in kept]) if kept else torch.empty(0)
+        return {"image": image, "label": torch.from_numpy(self.labels[idx]),
+                "index": torch.from_numpy(idx)}
+
+    def __getitem__(self, position: int) -> dict[str, Tensor] | None:
+        batch = self.__getitems__([position])
+        return {k: v[0] for k, v in batch.items()} if len(batch["index"]) else None
+
+    def decode_all(self) -> Tensor:
+        """All rows of ``index`` decoded once (``transform=None``): uint8 ``[len, C, h, w]``,
+        zeros where ``bad``."""
+        try:
+            chunks = [self.__getitems__(list(range(i, min(i + 1024, len(self)))))["image"]
+                      for i in range(0, len(self), 1024)]
+            images = torch.cat([c for c in chunks if len(c)])
+        except RuntimeError:
+            raise UserError(f"{self.where}: in_memory needs images of one size; set "
+                            "data.in_memory=false") from None
+        full = torch.zeros(len(self), *images.shape[1:], dtype=torch.uint8)
+        full[~self.bad] = images
+        return full
+
+
+def _column(table: datasets.Dataset, key: str) -> np.ndarray:
+    return np.asarray(table.select_columns([key]).with_format("numpy")[key])
+
+
+def _check_options(h, rrc_scale: tuple, subset: tuple | None, spec: DatasetSpec) -> None:
+    for ok, bad in [
+        (h.in_chans in (1, 3), f"in_chans {h.in_chans}; accepted: 1, 3"),
+        (0 < h.label_fraction <= 1, f"label_fraction {h.label_fraction}; accepted: 0 < f <= 1"),
+        (0 < h.crop_pct <= 1, f"crop_pct {h.crop_pct}; accepted: 0 < crop_pct <= 1"),
+        (len(rrc_scale) == 2 and 0 < rrc_scale[0] <= rrc_scale[1] <= 1,
+         f"rrc_scale {list(rrc_scale)}; accepted: [low, high], 0 < low <= high <= 1"),
+        (subset is None or (len(subset) == 2 and 0 <= subset[0] < subset[1]),
+         f"train_subset {subset}; accepted: [start, stop] with 0 <= start < stop, or null"),
+        (0 <= h.max_bad_fraction < 1, f"max_bad_fraction {h.max_bad_fraction}; accepted: [0, 1)"),
+        (not h.val_ood or spec.ood, f"val_ood for {h.name}; accepted for: "
+         + ", ".join(k for k, s in DATASETS.items() if s.ood)),
+    ]:
+        if not ok:
+            raise UserError(f"invalid data option {bad}")
+
+
+_STAGE_ROLES = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",),
+                "predict": ("test",)}
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Clean batches from one ``DATASETS`` entry (batch format and subset order: module docstring).
+
+    Args:
+        name: a key of ``DATASETS``.
+        path: local copy (``save_to_disk`` folder, hub-layout parquet, image folder; an IDX folder
+            for Fashion-MNIST); None: the hub (Fashion-MNIST: Debian's IDX files when installed).
+        image_size: output side S in pixels. crop_pct: eval center crop of the resized short side.
+        in_chans: 3 (RGB) or 1 (grayscale).
+        label_fraction: stratified fraction of train labels kept, in (0, 1].
+        train_subset: ``[start, stop)`` rows of the train split. limit_train, limit_eval: at most
+            this many images per split (smoke runs).
+        augment: RandomResizedCrop(``rrc_scale``) + flip for train; False: the eval transform.
+        max_bad_fraction: undecodable images tolerated per split before a ``UserError``.
+        in_memory: hold splits as one uint8 tensor (same-size images); None: the spec's default.
+        val_ood: ``val_dataloader`` returns ``[val, ood]`` (CAMELYON17). cache_dir: ``datasets``'.
+    """
+
+    def __init__(self, name: str, path: str | None = None, image_size: int = 224,
+                 crop_pct: float = 0.875, in_chans: int = 3, batch_size: int = 64,
+                 eval_batch_size: int | None = None, num_workers: int = 4, pin_memory: bool = True,
+                 drop_last: bool = False, label_fraction: float = 1.0, seed: int = 0,
+                 train_subset: Sequence[int] | None = None, limit_train: int | None = None,
+                 limit_eval: int | None = None, augment: bool = True,
+                 rrc_scale: Sequence[float] = (0.08, 1.0), max_bad_fraction: float = 0.001,
+                 in_memory: bool | None = None, val_ood: bool = False, cache_dir: str | None = None):
+        super().__init__()
+        if name not in DATASETS:
+            raise unknown("dataset", name, DATASETS)
+        self.save_hyperparameters(logger=False)
+        self.spec, self.name, self.path, self.in_chans = DATASETS[name], name, path, int(in_chans)
+        self.rrc_scale = tuple(float(s) for s in rrc_scale)
+        self.train_subset = None if train_subset is None else tuple(int(i) for i in train_subset)
+        _check_options(self.hparams, self.rrc_scale, self.train_subset, self.spec)
+        self.in_memory = self.spec.in_memory if in_memory is None else in_memory
+        self.num_classes = self.spec.num_classes
+        self.class_names: list[str] | None = list(self.spec.names or []) or None
+        idx = Path(path or self.spec.idx_dir) if self.spec.idx_dir else None  # IDX files, if any
+        has_idx = idx and any((idx / f"train-images-idx3-ubyte{s}").exists() for s in (".gz", ""))
+        self.idx_dir = idx if has_idx else None
+        self._raw: dict[str, dict] = {}
+        self._sets: dict[str, Dataset] = {}
+        self._local: datasets.DatasetDict | None = None
+
+    def prepare_data(self) -> None:
+        """Downloads (hub) or indexes (local parquet/image folder) once per node."""
+        if self.idx_dir is None and self.path is not None:
+            open_local(self.path, self.hparams.cache_dir)
+        elif self.idx_dir is None:
+            for split in sorted(set(self.spec.splits.values())):
+                load_hub_split(self.name, split, self.hparams.cache_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Loads the splits ``stage`` needs (train, val and test for None), on every process."""
+        roles = _STAGE_ROLES.get(stage, ("train", "val", "test"))
+        for role in roles + (("ood",) if self.hparams.val_ood and "val" in roles else ()):
+            self.dataset(role)
+
+    def _table(self, split: str) -> datasets.Dataset:
+        if self.path is None:
+            table = load_hub_split(self.name, split, self.hparams.cache_dir)
+        else:
+            self._local = self._local or open_local(self.path, self.hparams.cache_dir)
+            aliases = (split, "valid", "val") if split == "validation" else (split,)
+            names = [s for s in aliases if s in self._local]
+            if not names:
+                raise unknown(f"split of data.path {self.path!r}", split, self._local.keys())
+            table = self._local[names[0]]
+        missing = sorted({self.spec.image_key, self.spec.label_key} - set(table.column_names))
+        if missing:
+            raise UserError(f"{self.name} split {split!r} has no column {', '.join(missing)}; "
+                            f"columns: {', '.join(table.column_names)}")
+        return table.cast_column(self.spec.image_key, datasets.Image(decode=False))
+
+    def _labels(self, table: datasets.Dataset, split: str) -> np.ndarray:
+        """Labels ``[N]`` in the spec's class order (class folders mapped through ``class_list``)."""
+        feature, labels = table.features[self.spec.label_key], _column(table, self.spec.label_key)
+        names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+        file = self.spec.class_list
+        order = (Path(__file__).parent / file).read_text().split() if file else []
+        if names and set(names) & set(order):
+            if strangers := sorted(set(names) - set(order)):
+                raise unknown(f"{self.name} class folder", strangers[0], order)
+            labels, names = np.array([order.index(n) for n in names])[labels], order
+        if names and len(names) != self.num_classes:
+            raise UserError(f"{self.name} column {self.spec.label_key!r} has {len(names)} "
+                            f"classes; expected {self.num_classes}")
+        if len(labels) and not 0 <= labels.min() <= labels.max() < self.num_classes:
+            raise UserError(f"{self.name} split {split!r} has labels in [{labels.min()}, "
+                            f"{labels.max()}]; expected 0..{self.num_classes - 1}")
+        self.class_names = names or self.class_names
+        return labels.astype(np.int64)
+
+    def _load(self, split: str) -> dict:
+        """A split's ``labels [N]`` and ``table`` (lazy) or ``images [N, C, h, w]`` uint8."""
+        if split in self._raw:
+            return self._raw[split]
+        raw = {"table": None, "images": None, "ood": None, "bad": None}
+        if self.idx_dir is not None:
+            prefix = self.idx_dir / {"train": "train", "test": "t10k"}[split]
+            images = read_idx(Path(f"{prefix}-images-idx3-ubyte.gz"))
+            raw["images"] = torch.from_numpy(images.copy())[:, None]
+            raw["labels"] = read_idx(Path(f"{prefix}-labels-idx1-ubyte.gz")).astype(np.int64)
+        else:
+            raw["table"] = table = self._table(split)
+            raw["labels"] = self._labels(table, split)
+            if self.spec.ood and split == self.spec.splits["ood"]:
+                raw["ood"] = _column(table, self.spec.ood[0]) == self.spec.ood[1]
+            if self.in_memory:
+                rows = HFImages(table, self.spec.image_key, raw["labels"], np.arange(len(table)),
+                                None, self._mode, self.hparams.max_bad_fraction, f"{self.name} {split}")
+                raw["images"], raw["bad"] = rows.decode_all(), rows.bad.numpy()
+        self._raw[split] = raw
+        return raw
+
+    @property
+    def _mode(self) -> str:
+        return "L" if self.in_chans == 1 else "RGB"
+
+    def _index(self, role: str, raw: dict) -> np.ndarray:
+        """Rows of the split that ``role`` uses, in the order of the module docstring."""
+        h, index = self.hparams, np.arange(len(raw["labels"]))
+        if role == "train" and self.train_subset is not None:
+            if self.train_subset[1] > len(index):
+                raise UserError(f"train_subset {list(self.train_subset)} is out of range; the "
+                                f"{self.name} train split has {len(index)} rows")
+            index = index[slice(*self.train_subset)]
+        if raw["ood"] is not None and role in ("val", "ood"):
+            index = index[raw["ood"][index] == (role == "ood")]
+        if raw["bad"] is not None:
+            index = index[~raw["bad"][index]]
+        if role != "train":
+            return first_k(index, h.limit_eval, 0)
+        if h.label_fraction < 1:
+            index = index[stratified_subset(raw["labels"][index], h.label_fraction, h.seed)]
+        return first_k(index, h.limit_train, h.seed)
+
+    def dataset(self, role: str) -> Dataset:
+        """The dataset of ``role`` (``train``, ``val``, ``test`` or ``ood``), built once."""
+        if role not in self._sets:
+            if role not in self.spec.splits:
+                raise unknown(f"split of {self.name}", role, self.spec.splits)
+            raw, h = self._load(self.spec.splits[role]), self.hparams
+            index, train = self._index(role, raw), role == "train" and h.augment
+            args = (h.image_size, h.crop_pct, self.spec.small, train, self.rrc_scale)
+            if raw["images"] is not None:
+                transform = BatchTransform(*args, self.in_chans)
+                self._sets[role] = TensorImages(raw["images"], raw["labels"], index, transform)
+            else:
+                self._sets[role] = HFImages(raw["table"], self.spec.image_key, raw["labels"], index,
+                                            pil_transform(*args), self._mode, h.max_bad_fraction,
+                                            f"{self.name} {role}")
+        return self._sets[role]
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Undecodable images skipped so far per role (lazy splits count them as they meet them)."""
+        out = {}
+        for role, ds in self._sets.items():
+            bad = ds.bad if isinstance(ds, HFImages) else self._raw[self.spec.splits[role]]["bad"]
+            out[role] = 0 if bad is None else int(bad.sum())
+        return out
+
+    def _loader(self, role: str) -> DataLoader:
+        h, train = self.hparams, role == "train"
+        size = h.batch_size if train else h.eval_batch_size or h.batch_size
+        return DataLoader(self.dataset(role), size, shuffle=train, drop_last=train and h.drop_last,
+                          num_workers=h.num_workers, pin_memory=h.pin_memory,
+                          persistent_workers=h.num_workers > 0, collate_fn=collate)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The val loader, or ``[val, ood]`` with ``val_ood`` (CAMELYON17)."""
+        val = self._loader("val")
+        return [val, self._loader("ood")] if self.hparams.val_ood else val
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def ood_dataloader(self) -> DataLoader:
+        """CAMELYON17's OOD validation split (hospital 1)."""
+        return self._loader("ood")

@@ -1,0 +1,129 @@
+"""``distortkd-evaluate``: a fine-tuned checkpoint over a grid of distortions and severities.
+
+One row per (distortion, severity): top-1 on the distorted test split (seeded per sample, so every
+method sees the same corruptions), plus representation diagnostics against the teacher on the
+clean images (for the evaluated model and for the untouched teacher on the distorted images).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from distortkd import distortions
+from distortkd.diagnostics import RepresentationMeter
+from distortkd.distortions import sample_seeds
+from distortkd.errors import UserError
+from distortkd.modules import FinetuneModule
+from distortkd.vit import Encoder, FrozenTeacher
+
+
+def grid_cells(cfg: DictConfig) -> list[tuple[str, float, distortions.Distortion]]:
+    """``(name, severity, distortion)`` for every cell of the configured suite."""
+    if cfg.suite == "heldout":
+        from distortkd.corruptions import heldout_suite
+
+        return [(c.name, c.severity, c) for c in heldout_suite()]
+    if cfg.suite != "paper":
+        raise UserError(f"unknown evaluation suite {cfg.suite!r}; accepted: heldout, paper")
+    cells = []
+    for family in cfg.families:
+        if family in ("identity", "mixed"):
+            families = list(distortions.SEVERITY_PARAM)
+        else:
+            families = [family]
+        for fam in families:
+            cells += [(fam, float(s), distortions.at_severity(fam, s)) for s in cfg.severities[fam]]
+    return cells
+
+
+def load_finetuned(cfg: DictConfig, build_model, num_classes: int) -> FinetuneModule:
+    """The fine-tuned backbone + head of ``cfg.ckpt`` (``auto``: the matching finetune run)."""
+    path = Path(cfg.finetune_run) / "checkpoints" / "last.ckpt" if cfg.ckpt == "auto" else Path(cfg.ckpt)
+    if not path.is_file():
+        raise UserError(f"checkpoint {str(path)!r} does not exist; run the finetune job first or pass ckpt=")
+    module = FinetuneModule(build_model(cfg.model, pretrained=False), num_classes,
+                            distortions.build("identity"), optimizer=None, mode=cfg.finetune.mode)
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        raise UserError(f"checkpoint {str(path)!r} does not fit model {cfg.model.name!r}: "
+                        f"{str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}") from None
+    return module
+
+
+@torch.no_grad()
+def diagnose(encoder: Encoder, teacher: FrozenTeacher, loader, dist, seed: int, max_batches: int, device):
+    """Diagnostics of ``encoder`` (and of the teacher itself) on distorted vs teacher on clean."""
+    ours, base = RepresentationMeter(), RepresentationMeter()
+    for i, batch in enumerate(loader):
+        if i >= max_batches:
+            break
+        x = batch["image"].to(device)
+        xd = dist(x, sample_seeds(batch["index"].to(device), seed))
+        clean = teacher.features(x)
+        ours.update(encoder.features(xd), clean)
+        base.update(teacher.features(xd), clean)
+    return {**ours.compute(), **{f"teacher_{k}": v for k, v in base.compute().items()}}
+
+
+def attention_maps(encoder: Encoder, teacher: FrozenTeacher, baseline: Encoder | None, images, dist, seeds):
+    """Head-wise CLS→patch attention probabilities ``[K, heads, gh, gw]`` for figure 4."""
+    gh, gw = encoder.grid
+    as_map = lambda f: f.attn.float().softmax(-1).unflatten(-1, (gh, gw)).cpu().numpy()  # noqa: E731
+    distorted = dist(images, seeds)
+    out = {"input": distorted.cpu().numpy(), "clean": images.cpu().numpy(),
+           "teacher_clean": as_map(teacher.features(images)), "student": as_map(encoder.features(distorted))}
+    if baseline is not None:
+        out["baseline"] = as_map(baseline.features(distorted))
+    return out
+
+
+def evaluate_grid(cfg: DictConfig, run_dir: Path, build_model) -> dict:
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    module = load_finetuned(cfg, build_model, datamodule.num_classes)
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer = instantiate(trainer_cfg, logger=False, enable_checkpointing=False, callbacks=[],
+                          enable_progress_bar=False, enable_model_summary=False)
+    device = torch.device("cuda" if trainer_cfg["accelerator"] == "gpu" else "cpu")
+    teacher = FrozenTeacher(build_model(cfg.model)).to(device) if cfg.diagnostics.teacher else None
+    rows, metrics = [], {}
+    for name, severity, dist in grid_cells(cfg):
+        module.distortion, module.test_prefix = dist, f"test/{name}/{severity:g}"
+        trainer.test(module, datamodule=datamodule, verbose=False)
+        acc = float(trainer.callback_metrics[f"{module.test_prefix}/acc1"])
+        row = {"distortion": name, "severity": severity, "acc1": acc}
+        if teacher is not None and module.encoder.is_vit:
+            module.to(device)
+            row.update(diagnose(module.encoder, teacher, datamodule.test_dataloader(), dist, cfg.seed,
+                                cfg.diagnostics.max_batches, device))
+        rows.append(row)
+        metrics[f"{module.test_prefix}/acc1"] = acc
+        print(f"{name:>18s} {severity:>6g}  acc1={acc:.4f}", flush=True)
+    if cfg.attention.num_images and teacher is not None and module.encoder.is_vit:
+        _save_attention(cfg, run_dir, module, teacher, datamodule, build_model, device)
+    return {**metrics, "rows": rows, "suite": cfg.suite,
+            "mean_acc1": float(np.mean([r["acc1"] for r in rows])) if rows else float("nan")}
+
+
+def _save_attention(cfg, run_dir, module, teacher, datamodule, build_model, device) -> None:
+    batch = next(iter(datamodule.test_dataloader()))
+    k = int(cfg.attention.num_images)
+    images = batch["image"][:k].to(device)
+    seeds = sample_seeds(batch["index"][:k].to(device), cfg.seed)
+    baseline = None
+    if cfg.attention.baseline_ckpt:
+        base_cfg = OmegaConf.merge(cfg, {"ckpt": cfg.attention.baseline_ckpt})
+        baseline = load_finetuned(base_cfg, build_model, datamodule.num_classes).encoder.to(device)
+    dist = distortions.build(cfg.distortion.family, **OmegaConf.to_container(cfg.distortion.params))
+    with torch.no_grad():
+        maps = attention_maps(module.encoder.to(device).eval(), teacher, baseline, images, dist, seeds)
+    np.savez_compressed(run_dir / "attention.npz", **maps)
+

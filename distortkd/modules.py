@@ -1,0 +1,296 @@
+"""LightningModules: the distiller (ours and Contrastive Inversion) and the fine-tuner/evaluator.
+
+Data flow: the datamodule yields clean ``[0, 1]`` batches; the distortion is applied here, on the
+device, to the same crop (seeded per sample in validation/test); each encoder normalises its own
+input; the loss returns named terms that are logged as they are.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from distortkd.distortions import Distortion, sample_seeds
+from distortkd.errors import UserError
+from distortkd.steps import distill_loss, supervised_loss
+from distortkd.vit import Encoder, FrozenTeacher
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the run stops and keeps its last good checkpoint."""
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms, position embeddings and prefix tokens (as in timm)."""
+    skip = getattr(getattr(module, "backbone", module), "no_weight_decay", lambda: set())()
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        plain = name.split("backbone.", 1)[-1]
+        (no_decay if p.ndim <= 1 or plain in skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(optimizer, total_steps: int, warmup_steps: int, min_ratio: float = 0.0):
+    """Linear warm-up from 0, then cosine to ``min_ratio`` × peak, stepped every optimizer step."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class _Base(L.LightningModule):
+    """Optimiser/scheduler wiring and the finite-loss guard shared by both modules."""
+
+    def __init__(self, optimizer: Callable, warmup: float, eval_seed: int, min_lr_ratio: float = 0.0):
+        super().__init__()
+        self.optimizer_factory = optimizer
+        self.warmup = warmup
+        self.eval_seed = eval_seed
+        self.min_lr_ratio = min_lr_ratio
+
+    def configure_optimizers(self):
+        extra = {}
+        if self.device.type == "cuda" and "fused" not in getattr(self.optimizer_factory, "keywords", {}):
+            extra["fused"] = True  # one kernel for the whole AdamW update
+        wd = getattr(self.optimizer_factory, "keywords", {}).get("weight_decay", 0.0)
+        opt = self.optimizer_factory(param_groups(self, wd), **extra)
+        total = int(self.trainer.estimated_stepping_batches)
+        warm = int(self.warmup * total) if self.warmup < 1 else int(self.warmup)
+        sched = warmup_cosine(opt, total, warm, self.min_lr_ratio)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def seeds(self, batch: dict) -> Tensor:
+        return sample_seeds(batch["index"], self.eval_seed)
+
+    def check_finite(self, loss: Tensor) -> None:
+        # One host sync per step; the price of never writing a NaN model over a good checkpoint.
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at global step {self.global_step} (epoch {self.current_epoch}); "
+                "stopping. The last good checkpoint is kept; lower the learning rate or use bf16/fp32."
+            )
+
+
+class DistillModule(_Base):
+    """Frozen teacher on clean crops, trainable student on the same crops distorted; no labels.
+
+    Args:
+        student: trainable encoder (same architecture and start weights as ``teacher``).
+        teacher: encoder to freeze.
+        distortion: applied on the device to the student's input.
+        loss_fn: ``multilevel_loss``-like function (``Features`` in) or, with ``contrastive``,
+            ``contrastive_inversion_loss`` (pooled embeddings in), parameters already bound.
+        with_attn: compute attention taps (False when the attention weight is 0).
+        diagnostics: optional callable ``(student_feats, teacher_feats) -> dict`` logged in validation.
+    """
+
+    def __init__(
+        self,
+        student: Encoder,
+        teacher: Encoder,
+        distortion: Distortion,
+        loss_fn: Callable,
+        optimizer: Callable,
+        warmup: float = 0.05,
+        eval_seed: int = 0,
+        with_attn: bool = True,
+        contrastive: bool = False,
+        compile: bool = False,
+    ):
+        super().__init__(optimizer, warmup, eval_seed)
+        self.student = student
+        self.teacher = FrozenTeacher(teacher)
+        self.distortion, self.loss_fn = distortion, loss_fn
+        self.with_attn, self.contrastive = with_attn and student.is_vit, contrastive
+        self.step_fn = torch.compile(distill_loss) if compile else distill_loss
+        self._baseline_cos: list[Tensor] = []
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        out = self.step_fn(self.student, self.teacher, self.distortion, self.loss_fn, batch["image"],
+                           None, self.with_attn, self.contrastive)
+        self.check_finite(out["loss"])
+        self.log_dict({f"train/{k}": v for k, v in out.items() if k != "loss"})
+        self.log("train/loss", out["loss"], prog_bar=True)
+        return out["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        images, seeds = batch["image"], self.seeds(batch)
+        distorted = self.distortion(images, seeds)
+        t = self.teacher.features(images, with_attn=self.student.is_vit)
+        s = self.student.features(distorted, with_attn=self.student.is_vit)
+        if self.contrastive:
+            out = self.loss_fn(s.cls, t.cls)
+        else:
+            out = self.loss_fn(s, t)
+        metrics = {f"val/{k}": v for k, v in out.items() if k != "loss"}
+        metrics["val/cos_clean"] = F.cosine_similarity(s.cls.float(), t.cls.float(), dim=-1).mean()
+        if self.student.is_vit:
+            from distortkd.losses import attention_kl
+
+            metrics["val/attn_kl"] = attention_kl(s.attn, t.attn, 1.0)
+        # The untouched teacher on distorted input: where the student started from.
+        baseline = self.teacher(distorted)
+        metrics["val/cos_clean_baseline"] = F.cosine_similarity(baseline.float(), t.cls.float(), dim=-1).mean()
+        self.log_dict(metrics, prog_bar=False, sync_dist=True)
+        self.log("val/loss", out["loss"], prog_bar=True, sync_dist=True)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The teacher is the pretrained checkpoint, unchanged: never duplicated into student files.
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")
+        }
+        checkpoint["distortkd"] = architecture(self.student)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Resuming: put the (frozen, rebuilt) teacher back so loading stays strict for the student.
+        checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+
+
+class FinetuneModule(_Base):
+    """Backbone + linear head trained with labels on distorted images; top-1 on distorted eval.
+
+    Modes: ``full`` (everything trains), ``linear`` (frozen backbone, linear probe), ``knn``
+    (no training: weighted k-NN on frozen, L2-normalised features, as in DINO).
+    """
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        num_classes: int,
+        distortion: Distortion,
+        optimizer: Callable,
+        mode: str = "full",
+        warmup: float = 0.05,
+        eval_seed: int = 0,
+        knn_k: int = 20,
+        knn_temperature: float = 0.07,
+    ):
+        super().__init__(optimizer, warmup, eval_seed)
+        if mode not in ("full", "linear", "knn"):
+            raise UserError(f"unknown finetune mode {mode!r}; accepted: full, knn, linear")
+        self.encoder, self.mode, self.distortion = encoder, mode, distortion
+        self.head = nn.Linear(encoder.embed_dim, num_classes)
+        if mode != "full":
+            self.encoder.requires_grad_(False)
+        self.knn_k, self.knn_t, self.num_classes = knn_k, knn_temperature, num_classes
+        acc = partial(MulticlassAccuracy, num_classes=num_classes, top_k=1, average="micro")
+        self.val_acc, self.test_acc = acc(), acc()
+        self.test_prefix = "test"
+        self._bank: tuple[Tensor, Tensor] | None = None
+
+    def on_train_epoch_start(self) -> None:
+        if self.mode != "full":
+            self.encoder.eval()  # frozen backbone: no dropout / drop-path noise in its features
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss, logits = supervised_loss(self.encoder, self.head, self.distortion, batch["image"], batch["label"])
+        self.check_finite(loss)
+        acc = (logits.argmax(-1) == batch["label"]).float().mean()
+        self.log_dict({"train/loss": loss, "train/acc1": acc}, prog_bar=True)
+        return loss
+
+    def _predict(self, batch: dict) -> Tensor:
+        distorted = self.distortion(batch["image"], self.seeds(batch))
+        if self.mode == "knn":
+            return self._knn_scores(self.encoder(distorted))
+        return self.head(self.encoder(distorted))
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.val_acc(self._predict(batch), batch["label"])
+        self.log("val/acc1", self.val_acc, prog_bar=True)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.test_acc(self._predict(batch), batch["label"])
+        self.log(f"{self.test_prefix}/acc1", self.test_acc)
+
+    def on_validation_epoch_start(self) -> None:
+        if self.mode == "knn":
+            self._bank = self._feature_bank()
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    @torch.no_grad()
+    def _feature_bank(self) -> tuple[Tensor, Tensor]:
+        """L2-normalised features ``[M, D]`` and labels ``[M]`` of the (distorted) training set."""
+        feats, labels = [], []
+        for batch in self.trainer.datamodule.train_dataloader():
+            batch = self.transfer_batch_to_device(batch, self.device, 0)
+            x = self.distortion(batch["image"], self.seeds(batch))
+            feats.append(F.normalize(self.encoder(x).float(), dim=-1))
+            labels.append(batch["label"])
+        feats, labels = torch.cat(feats), torch.cat(labels)
+        if self.trainer.world_size > 1:
+            feats = self.all_gather(feats).flatten(0, 1)
+            labels = self.all_gather(labels).flatten(0, 1)
+        return feats, labels
+
+    def _knn_scores(self, query: Tensor) -> Tensor:
+        """Class scores ``[B, classes]``: top-k cosine neighbours voting with ``exp(sim / T)``."""
+        bank, bank_labels = self._bank
+        sim = F.normalize(query.float(), dim=-1) @ bank.T
+        top, idx = sim.topk(min(self.knn_k, len(bank)), dim=-1)
+        votes = F.one_hot(bank_labels[idx], self.num_classes).float() * (top / self.knn_t).exp()[..., None]
+        return votes.sum(1)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["distortkd"] = architecture(self.encoder)
+
+
+def architecture(encoder: Encoder) -> dict:
+    """What a checkpoint records about its encoder, to refuse loading into another architecture."""
+    cfg = getattr(encoder.backbone, "pretrained_cfg", {}) or {}
+    return {"arch": cfg.get("architecture"), "embed_dim": encoder.embed_dim,
+            "mean": encoder.mean.flatten().tolist(), "std": encoder.std.flatten().tolist()}
+
+
+def load_encoder_weights(encoder: Encoder, path: str | Path) -> dict:
+    """Loads a distilled student (or a fine-tuned backbone) checkpoint into ``encoder``.
+
+    Accepts a Lightning ``.ckpt`` from a distill run (``student.*`` keys) or a finetune run
+    (``encoder.*`` keys), or a plain ``.safetensors``/``.pth`` state dict of the timm backbone.
+
+    Raises:
+        UserError: missing file, or weights made for another architecture (names both).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"init checkpoint {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state, meta = load_file(str(path)), {}
+    else:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        meta = ckpt.get("distortkd", {}) if isinstance(ckpt, dict) else {}
+        state = ckpt.get("state_dict", ckpt)
+        for prefix in ("student.backbone.", "encoder.backbone."):
+            if any(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+                break
+    own = encoder.backbone.state_dict()
+    bad = [k for k in own if k not in state or state[k].shape != own[k].shape]
+    if bad or len(state) != len(own):
+        mine = getattr(encoder.backbone, "pretrained_cfg", {}).get("architecture")
+        k = bad[0] if bad else next(iter(set(state) - set(own)))
+        theirs = tuple(state[k].shape) if k in state else "missing"
+        raise UserError(
+            f"checkpoint {str(path)!r} does not fit model {mine!r} (made for "
+            f"{meta.get('arch', 'another architecture')!r}: {k} is {theirs}, expected "
+            f"{tuple(own[k].shape) if k in own else 'absent'}); pass the model config it was trained with"
+        )
+    encoder.backbone.load_state_dict(state)
+    return meta

@@ -1,0 +1,613 @@
+"""``distortkd-report``: the paper's tables and figures rebuilt from run folders alone (no W&B).
+
+A run folder is any directory holding ``config.yaml`` (hidden folders such as Hydra's ``.hydra`` are
+skipped). Its ``metrics.json`` holds scalar metrics and, for evaluate runs, ``suite`` and ``rows``;
+a folder without it, or with ``"status": "failed"``, is a failed run: listed, and its cell missing.
+A cell is the mean ± sample std (ddof=1) over seeds; a seed that ran twice is averaged first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import numbers
+import re
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import OmegaConf
+
+from distortkd import figures
+from distortkd.errors import UserError, unknown
+
+CONFIG_FIELDS = ("task", "experiment", "method", "seed", "model.name", "data.name",
+                 "data.label_fraction", "distortion.name", "distortion.family", "loss.name",
+                 "finetune.mode")
+BASE_COLUMNS = (*CONFIG_FIELDS, "suite", "status", "error", "path")
+ROW_METRICS = ("cos_cls", "cos_patch", "cka_cls", "attn_kl", "attn_iou")
+METHODS = {"ci": "CI", "supervised": "Supervised", "ours": "Ours"}
+PRESET_ORDER = ("mask_weak", "mask_strong", "noise_weak", "noise_strong", "blur_weak",
+                "blur_strong")
+STRONG = ("mask_strong", "noise_strong", "blur_strong")
+FAMILIES = {"mask": ("RM", "Random Mask"), "gaussian_noise": ("GN", "Gaussian Noise"),
+            "gaussian_blur": ("GB", "Gaussian Blur"), "mixed": ("MX", "Mixed"),
+            "identity": ("ID", "Clean")}
+TRANSFER = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "stl10": "STL-10",
+            "resisc45": "RESISC45", "camelyon17": "Camelyon17"}
+LOSSES = {"global": "Global", "global_local": "Gl. Local", "global_attn": "Gl. Attention",
+          "multilevel": "Gl. Local Attention"}
+REPRESENTATION = {"val/cos_clean_baseline": "Before: teacher(distorted) vs teacher(clean)",
+                  "val/cos_clean": "After: student(distorted) vs teacher(clean)"}
+MISSING = "—"
+# Family of a preset whose config lacks distortion.family, by the name's first word.
+_PREFIX_FAMILY = {"mask": "mask", "noise": "gaussian_noise", "blur": "gaussian_blur",
+                  "mixed": "mixed", "clean": "identity"}
+
+# ------------------------------------------------------------------------------------- loading
+
+
+def find_run_dirs(dirs: Iterable[str | Path]) -> list[Path]:
+    """Every folder holding ``config.yaml`` at any depth below ``dirs`` (hidden folders skipped)."""
+    found = set()
+    for root in map(Path, dirs):
+        if not root.is_dir():
+            raise UserError(f"run directory {str(root)!r} does not exist or is not a directory")
+        for cfg in root.rglob("config.yaml"):
+            if not any(p.startswith(".") for p in cfg.parent.relative_to(root).parts):
+                found.add(cfg.parent.resolve())
+    return sorted(found)
+
+
+def _get(cfg: object, dotted: str) -> object:
+    for part in dotted.split("."):
+        if not isinstance(cfg, dict) or part not in cfg:
+            return None
+        cfg = cfg[part]
+    return cfg if cfg is None or isinstance(cfg, str | int | float | bool) else str(cfg)
+
+
+def _read_metrics(run: Path) -> tuple[str, dict, str | None]:
+    """(status, metrics, error) with status ``ok``, ``failed`` or ``missing`` (no metrics.json)."""
+    if not (run / "metrics.json").is_file():
+        return "missing", {}, "no metrics.json"
+    try:
+        metrics = json.loads((run / "metrics.json").read_text())
+    except (OSError, ValueError) as err:
+        return "failed", {}, f"unreadable metrics.json: {err}"
+    if not isinstance(metrics, dict):
+        return "failed", {}, "metrics.json is not a JSON object"
+    if metrics.get("status") == "failed":
+        return "failed", metrics, str(metrics.get("error", "status: failed"))
+    return "ok", metrics, None
+
+
+def _load_run(run: Path) -> tuple[dict, list[dict]]:
+    """One run's flat record and its evaluate rows, each row carrying the run's fields."""
+    status, metrics, error = _read_metrics(run)
+    try:
+        cfg = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"))  # already resolved
+    except Exception as err:  # a broken config must not stop the report; the run gets listed
+        cfg, status, error = {}, "failed", "unreadable config.yaml: " + " ".join(str(err).split())
+    rec = {key: _get(cfg, key) for key in CONFIG_FIELDS}
+    if rec["distortion.family"] is None and isinstance(rec["distortion.name"], str):
+        rec["distortion.family"] = _PREFIX_FAMILY.get(rec["distortion.name"].split("_")[0])
+    if rec["loss.name"] is None and rec["method"] == "ours":
+        rec["loss.name"] = "multilevel"
+    if rec["finetune.mode"] is None and rec["task"] != "distill":
+        rec["finetune.mode"] = "full"
+    suite = metrics.get("suite")
+    rec.update(suite=suite if isinstance(suite, str) else None, status=status, error=error)
+    rec["path"] = str(run)
+    for key, value in metrics.items():
+        if isinstance(value, int | float) and not isinstance(value, bool) and key not in rec:
+            rec[key] = float(value)
+    raw = metrics.get("rows") if status == "ok" else None
+    raw = raw if isinstance(raw, list) else []
+    return rec, [{**rec, **r} for r in raw if isinstance(r, dict)]
+
+
+def _frame(records: list[dict], first: Sequence[str]) -> pd.DataFrame:
+    df = pd.DataFrame.from_records(records)
+    return df.reindex(columns=[*first, *(c for c in df.columns if c not in first)])
+
+
+def scan(dirs: Iterable[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(load_runs(dirs), load_rows(dirs))`` from one pass over the files."""
+    runs, rows = [], []
+    for run in find_run_dirs(dirs):
+        rec, run_rows = _load_run(run)
+        runs.append(rec)
+        rows.extend(run_rows)
+    row_first = (*BASE_COLUMNS, "distortion", "severity", "acc1", *ROW_METRICS)
+    return _frame(runs, BASE_COLUMNS), _frame(rows, row_first)
+
+
+def load_runs(dirs: Iterable[str | Path]) -> pd.DataFrame:
+    """One row per run folder: ``CONFIG_FIELDS`` as dotted columns (missing → None; ``loss.name``
+    defaults to multilevel for ours, ``finetune.mode`` to full), ``suite``, ``status`` (ok,
+    failed, missing), ``error``, ``path`` and every scalar metric (``test/acc1``, ...)."""
+    return scan(dirs)[0]
+
+
+def load_rows(dirs: Iterable[str | Path]) -> pd.DataFrame:
+    """One row per entry of ``rows`` in finished runs (``distortion``, ``severity``, ``acc1``,
+    diagnostics), with the run's columns as in :func:`load_runs`."""
+    return scan(dirs)[1]
+
+
+# ------------------------------------------------------------------------------------- tables
+
+
+@dataclass
+class Pivot:
+    """Mean, sample std and seed count of a metric per cell (NaN / 0 where no finished run);
+    ``failed`` maps a cell ``(row key, column key)`` to paths of its failed or unfinished runs."""
+
+    mean: pd.DataFrame
+    std: pd.DataFrame
+    n: pd.DataFrame
+    failed: dict = field(default_factory=dict)
+
+    def formatted(self, scale: float = 100.0, digits: int = 1) -> pd.DataFrame:
+        """Cells as ``"mean ± std"`` strings (the mean alone for one seed), ``—`` when missing."""
+        mean = (self.mean * scale).map(lambda v: f"{v:.{digits}f}")
+        std = (self.std * scale).map(lambda v: f"{v:.{digits}f}")
+        text = mean.where(self.n.le(1) | self.std.isna(), mean + " ± " + std)
+        return text.where(self.mean.notna(), MISSING)
+
+
+def _sort_key(value: object) -> tuple:
+    items = value if isinstance(value, tuple) else (value,)
+    return tuple((0, v, "") if isinstance(v, numbers.Real) else (1, 0, str(v)) for v in items)
+
+
+def _axis(df: pd.DataFrame, keys: list[str], order: Sequence | None) -> pd.Index:
+    """Observed key values: those in ``order`` first, in that order, then the rest sorted."""
+    seen = set(df[keys].itertuples(index=False, name=None))
+    seen = seen if len(keys) > 1 else {v[0] for v in seen}
+    first = list(dict.fromkeys(v for v in order or () if v in seen))
+    values = first + sorted(seen - set(first), key=_sort_key)
+    if len(keys) == 1:
+        return pd.Index(values, name=keys[0], dtype=object)
+    arrays = list(zip(*values, strict=True)) or [[]] * len(keys)
+    return pd.MultiIndex.from_arrays(arrays, names=keys)
+
+
+def pivot_table(df: pd.DataFrame, rows: str | list[str], cols: str | list[str], metric: str,
+                row_order: Sequence | None = None, col_order: Sequence | None = None) -> Pivot:
+    """Mean ± std over seeds of ``metric`` per (rows, cols) cell.
+
+    Args:
+        df: runs with ``status``, ``seed``, ``path``, the key columns and ``metric``. Runs with a
+            missing key are left out; failed runs span the grid but add no value.
+        rows: key column(s) of the table rows (several give a MultiIndex).
+        cols: key column(s) of the table columns.
+        metric: the value column.
+        row_order: preferred order of row keys; other observed keys follow, sorted.
+        col_order: preferred order of column keys.
+    """
+    rows, cols = ([k] if isinstance(k, str) else list(k) for k in (rows, cols))
+    keys, nrow = rows + cols, len(rows)
+    placed = df.dropna(subset=keys)
+    ok = placed[placed["status"].eq("ok") & placed[metric].notna()] if metric in df else df[:0]
+    seed = ok["seed"].astype(str).where(ok["seed"].notna(), ok["path"])  # no seed: its own run
+    per_seed = ok.assign(_seed=seed).groupby([*keys, "_seed"], sort=False)[metric].mean()
+    grouped = per_seed.groupby(level=list(range(len(keys))), sort=False)
+    stats = pd.DataFrame({"mean": grouped.mean(), "std": grouped.std(), "n": grouped.size()})
+    index, columns = _axis(placed, rows, row_order), _axis(placed, cols, col_order)
+    grid = {name: pd.DataFrame(np.nan, index=index, columns=columns) for name in stats}
+    if not stats.empty:
+        wide = {name: stats[name].unstack(list(range(nrow, len(keys)))) for name in stats}
+        grid = {k: v.reindex(index=index, columns=columns).astype(float) for k, v in wide.items()}
+    failed = {}
+    for key, group in placed[placed["status"].ne("ok")].groupby(keys, sort=False):
+        cell = tuple(k[0] if len(k) == 1 else k for k in (key[:nrow], key[nrow:]))
+        failed[cell] = group["path"].tolist()
+    return Pivot(grid["mean"], grid["std"], grid["n"].fillna(0).astype(int), failed)
+
+
+@dataclass
+class Table:
+    """A rendered table: display strings (row labels as index), missing cells and a footnote."""
+
+    name: str
+    title: str
+    cells: pd.DataFrame
+    row_header: str
+    missing: list[str] = field(default_factory=list)
+    footnote: str = ""
+    pivot: Pivot | None = None
+
+
+def _label(key: object) -> str:
+    return " / ".join(map(str, key)) if isinstance(key, tuple) else str(key)
+
+
+def _footnote(piv: Pivot, what: str) -> str:
+    counts = piv.n.to_numpy()[piv.n.to_numpy() > 0]
+    if counts.size == 0:
+        return f"No finished runs; values: {what}."
+    most, few = int(counts.max()), int((counts < counts.max()).sum())
+    if most == 1:
+        return f"Each cell is a single run (1 seed, no std); values: {what}."
+    extra = f"; {few} cell(s) have fewer" if few else ""
+    return f"Each cell is mean ± sample std over {most} seeds{extra}; values: {what}."
+
+
+def make_table(name: str, title: str, piv: Pivot, row_header: str, what: str,
+               row_label: Callable = _label, col_label: Callable = _label,
+               scale: float = 100.0, digits: int = 1) -> Table:
+    """Formats a pivot into a :class:`Table` with display labels and the missing-cell list."""
+    cells = piv.formatted(scale, digits)
+    missing = []
+    for r in cells.index:
+        for c in cells.columns:
+            if cells.at[r, c] == MISSING:
+                paths = piv.failed.get((r, c))
+                why = f"failed or unfinished: {', '.join(paths)}" if paths else "no run"
+                missing.append(f"{row_label(r)} × {col_label(c)} ({why})")
+    cells.index = [row_label(r) for r in cells.index]
+    cells.columns = [col_label(c) for c in cells.columns]
+    return Table(name, title, cells, row_header, missing, _footnote(piv, what), piv)
+
+
+def to_markdown(table: Table) -> str:
+    """A markdown section: heading, pipe table, missing cells, footnote."""
+    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+    head = [table.row_header, *map(esc, table.cells.columns)]
+    lines = [f"## {table.title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(map(esc, [k, *r])) + " |" for k, r in table.cells.iterrows()]
+    if table.missing:
+        lines += ["", "Missing cells:", *(f"- {m}" for m in table.missing)]
+    return "\n".join([*lines, *(["", f"_{table.footnote}_"] if table.footnote else [])]) + "\n"
+
+
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+        "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+        "±": r"$\pm$", "—": "--", "×": r"$\times$", "Δ": r"$\Delta$", "−": "$-$"}
+
+
+def to_latex(table: Table) -> str:
+    """A booktabs ``tabular`` (needs ``\\usepackage{booktabs}``); title and footnote as comments."""
+    tex = lambda text: "".join(_TEX.get(ch, ch) for ch in str(text))  # noqa: E731
+    row = lambda cells: " & ".join(map(tex, cells)) + r" \\"  # noqa: E731
+    spec = "l" + "c" * table.cells.shape[1]
+    lines = [f"% {table.title}", f"% {table.footnote}", f"\\begin{{tabular}}{{{spec}}}", r"\toprule"]
+    lines += [row([table.row_header, *table.cells.columns]), r"\midrule"]
+    lines += [row([k, *r]) for k, r in table.cells.iterrows()]
+    return "\n".join([*lines, r"\bottomrule", r"\end{tabular}"]) + "\n"
+
+
+def _tables(name: str, title: str, df: pd.DataFrame, rows, cols, header: str, what: str,
+            value: str = "value", split: Sequence[str] = ("model.name", "finetune.mode"),
+            orders: tuple = (None, None), **fmt) -> list[Table]:
+    """Pivots ``value`` into one table per combination of the ``split`` fields that vary."""
+    varying = [f for f in split if df[f].nunique() > 1]
+    out = []
+    df = df.fillna({f: "unspecified" for f in varying})
+    for key, part in df.groupby(varying) if varying else [((), df)]:
+        words = [str(k) for k in key]
+        suffix = f" ({', '.join(words)})" if words else ""
+        slug = "_" + re.sub(r"\W+", "-", "_".join(words)) if words else ""
+        piv = pivot_table(part, rows, cols, value, *orders)
+        if piv.mean.size:
+            out.append(make_table(name + slug, title + suffix, piv, header, what, **fmt))
+    return out
+
+
+# ---------------------------------------------------------------------------------- selections
+
+
+def with_value(df: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, str]:
+    """Adds column ``value``: ``metric``, or ``val/acc1`` for runs lacking ``test/acc1``.
+
+    Returns:
+        The frame, and a footnote text naming the metric(s) used and how many runs each filled.
+    """
+    value, used = pd.Series(np.nan, index=df.index), {}
+    for name in [metric, *(["val/acc1"] if metric == "test/acc1" else [])]:
+        if name in df:
+            fill = value.isna() & df[name].notna()
+            used[name] = int((fill & df["status"].eq("ok")).sum())
+            value = value.where(~fill, df[name])
+    text = ", ".join(f"`{m}` ({k} runs)" for m, k in used.items() if k) or f"`{metric}`"
+    return df.assign(value=value.astype(float)), text + (" in %" if "acc" in metric else " ×100")
+
+
+def _ranked(df: pd.DataFrame, column: str, order: Iterable) -> pd.DataFrame:
+    """Stable sort by the position of ``column``'s value in ``order`` (other values last)."""
+    rank = {v: i for i, v in enumerate(order)}
+    return df.iloc[np.argsort(df[column].map(rank).fillna(len(rank)).to_numpy(), kind="stable")]
+
+
+def with_variant(df: pd.DataFrame, exclude: Sequence[str] = ()) -> pd.DataFrame:
+    """Adds column ``variant``: the method's name plus the fields that vary within the method
+    (e.g. ``Ours (mixed)``), so that different students never share a line or column. Rows come
+    back sorted by method (CI, Supervised, Ours, others), so variants appear in that order."""
+    fields = ("distortion.name", "loss.name", "model.name", "data.name", "finetune.mode")
+    fields = [f for f in fields if f not in exclude]
+    df = _ranked(df, "method", METHODS)
+    base = df["method"].map(lambda m: METHODS.get(m, str(m)))
+    if df.empty:
+        return df.assign(variant=base)
+    varies = {f: df.groupby("method", dropna=False)[f].transform("nunique") > 1 for f in fields}
+    parts = pd.concat([df[f].astype(str).where(v, "") for f, v in varies.items()], axis=1)
+    extra = parts.apply(lambda r: ", ".join(x for x in r if x), axis=1)
+    return df.assign(variant=base.where(extra.eq(""), base + " (" + extra + ")"))
+
+
+def _scope(df: pd.DataFrame, opts) -> pd.DataFrame:
+    """Runs of ``--experiment`` and ``--data`` when given."""
+    df = df[df["experiment"].eq(opts.experiment)] if opts.experiment else df
+    return df[df["data.name"].eq(opts.data)] if opts.data else df
+
+
+def _finetune(runs: pd.DataFrame, opts, default_data: Sequence[str] | None) -> pd.DataFrame:
+    """Fine-tuning runs of ``--experiment``, else on ``default_data`` (or ``--data``) with all
+    labels; ``default_data=None`` keeps every dataset and label fraction."""
+    sel = _scope(runs[runs["task"].eq("finetune")], opts)
+    if default_data is not None and not opts.experiment:
+        sel = sel[sel["data.label_fraction"].eq(1.0)]
+        sel = sel if opts.data else sel[sel["data.name"].isin(default_data)]
+    return sel
+
+
+def _main_loss(df: pd.DataFrame) -> pd.DataFrame:
+    """Our method with the full multi-level loss only: ablation students stay out of its column."""
+    return df[df["method"].ne("ours") | df["loss.name"].eq("multilevel")]
+
+
+def _method(m: str) -> str:
+    return METHODS.get(m, m)
+
+
+def _family(f: str, short: bool = False) -> str:
+    return FAMILIES.get(f, (f, f))[0 if short else 1]
+
+
+def table1(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
+    """Table 1, in-domain: distortion preset × method, ImageNet-100 with all labels."""
+    sel, what = with_value(_main_loss(_finetune(runs, opts, ["imagenet100"])), opts.metric)
+    return _tables("table1", "Table 1: in-domain accuracy (%)", sel, "distortion.name",
+                   "method", "Distortion", what, orders=(PRESET_ORDER, METHODS), col_label=_method)
+
+
+def table2(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
+    """Table 2, transfer: (method, family of the strong preset) × downstream dataset."""
+    sel = _main_loss(_finetune(runs, opts, list(TRANSFER)))
+    sel, what = with_value(sel[sel["distortion.name"].isin(STRONG)], opts.metric)
+    names = {**METHODS, "supervised": "Baseline"}
+    label = lambda k: f"{names.get(k[1], k[1])} ({_family(k[0], True)})"  # noqa: E731
+    order = ([(f, m) for f in FAMILIES for m in METHODS], TRANSFER)
+    return _tables("table2", "Table 2: transfer accuracy (%)", sel, ["distortion.family", "method"],
+                   "data.name", "Method", what, orders=order, row_label=label,
+                   col_label=lambda d: TRANSFER.get(d, d))
+
+
+def table3(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
+    """Table 3, loss ablation of our method: loss × family of the strong preset."""
+    sel = _finetune(runs, opts, ["imagenet100"])
+    sel = sel[sel["method"].eq("ours") & sel["distortion.name"].isin(STRONG)]
+    sel, what = with_value(sel, opts.metric)
+    return _tables("table3", "Table 3: loss ablation, accuracy (%)", sel, "loss.name",
+                   "distortion.family", "Loss", what, orders=(LOSSES, FAMILIES),
+                   row_label=lambda k: LOSSES.get(k, k), col_label=_family)
+
+
+def mce(rows: pd.DataFrame, metric: str = "acc1") -> pd.DataFrame:
+    """Corruption errors ×100 relative to the supervised baseline, as in ImageNet-C.
+
+    ``CE_c = Σ_s err(c, s) / Σ_s err_sup(c, s)`` with ``err = 1 − accuracy`` averaged over seeds
+    (the reference pools every supervised run), over the severities both have;
+    ``mCE = mean_c CE_c`` over the corruptions a model has.
+
+    Returns:
+        Index: corruption names, then ``mCE``; columns: ``variant`` labels (added if absent).
+    """
+    rows = rows if "variant" in rows else with_variant(rows)
+    rows, keys = rows.dropna(subset=["distortion", "severity", metric]), ["distortion", "severity"]
+    ref = 1 - rows[rows["method"].eq("supervised")].groupby(keys)[metric].mean()
+    if ref.empty:
+        return pd.DataFrame()
+    ce = {}
+    for variant, part in rows.groupby("variant", sort=False):
+        err = 1 - part.groupby(keys)[metric].mean()
+        common = err.index.intersection(ref.index)
+        ce[variant] = err[common].groupby(level=0).sum() / ref[common].groupby(level=0).sum() * 100
+    table = pd.DataFrame(ce)
+    table.loc["mCE"] = table.mean()
+    return table
+
+
+def heldout(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
+    """Held-out corruptions: accuracy per corruption × severity per model, then CE and mCE."""
+    sel = with_variant(_scope(rows[rows["suite"].eq("heldout")], opts))
+    tables = _tables("heldout", "Held-out corruptions: accuracy (%)", sel,
+                     ["distortion", "severity"], "variant", "Corruption / severity",
+                     "`acc1` of evaluate rows in %", value="acc1", split=(),
+                     orders=(None, list(dict.fromkeys(sel["variant"]))),
+                     row_label=lambda k: f"{k[0]} / {k[1]:g}")
+    ce = mce(sel) if tables else pd.DataFrame()
+    if not ce.empty:
+        cells = ce.map(lambda v: MISSING if pd.isna(v) else f"{v:.1f}")
+        note = "CE_c = Σ_s err / Σ_s err(Supervised) × 100, errors averaged over seeds; mCE = mean."
+        title = "Held-out corruptions: corruption error (mCE)"
+        tables.append(Table("mce", title, cells, "Corruption", footnote=note))
+    return tables
+
+
+def diagnostics(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
+    """Representation diagnostics per model × distortion, averaged over severities per seed."""
+    sel = with_variant(_scope(rows, opts))
+    present = [m for m in ROW_METRICS if m in sel and sel[m].notna().any()]
+    long = sel.melt(id_vars=["variant", "distortion", "seed", "path", "status"], value_vars=present,
+                    var_name="metric", value_name="v").dropna(subset=["v"])
+    order = list(long[["variant", "distortion"]].itertuples(index=False, name=None))
+    return _tables("diagnostics", "Diagnostics (evaluate rows)", long, ["variant", "distortion"],
+                   "metric", "Model / distortion", "per-seed mean over severities", value="v",
+                   split=(), orders=(order, ROW_METRICS), scale=1.0, digits=3)
+
+
+def demo(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
+    """Demo: (distortion, label fraction) × method, and Δ = Ours − Supervised (of the means)."""
+    sel = _main_loss(_finetune(runs, opts, None))
+    sel, what = with_value(sel[sel["method"].isin(["supervised", "ours"])], opts.metric)
+    tables = _tables("demo", "Demo: accuracy by distortion and label fraction (%)", sel,
+                     ["distortion.name", "data.label_fraction"], "method", "Distortion / labels",
+                     what, orders=(None, ["supervised", "ours"]), col_label=_method,
+                     row_label=lambda k: f"{k[0]} / {k[1] * 100:g}%")
+    for t in tables:
+        if {"supervised", "ours"} <= set(t.pivot.mean.columns):
+            delta = (t.pivot.mean["ours"] - t.pivot.mean["supervised"]).to_numpy() * 100
+            t.cells["Δ Ours − Sup."] = [MISSING if np.isnan(d) else f"{d:+.1f}" for d in delta]
+    return tables
+
+
+def representation(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
+    """Cosine to the clean teacher before (teacher on distorted) and after (student) distilling."""
+    sel = _scope(runs[runs["task"].eq("distill") & runs["method"].eq("ours")], opts)
+    ids = ["distortion.name", "model.name", "loss.name", "seed", "path", "status"]
+    long = sel.melt(id_vars=ids, value_vars=[m for m in REPRESENTATION if m in sel],
+                    var_name="metric", value_name="v")
+    long = long[long["v"].notna() | long["status"].ne("ok")]  # failed runs stay, as missing cells
+    return _tables("representation", "Representation: CLS cosine to the clean teacher", long,
+                   "distortion.name", "metric", "Distortion", "validation-set cosine", value="v",
+                   split=("model.name", "loss.name"), orders=(PRESET_ORDER, REPRESENTATION),
+                   col_label=lambda m: REPRESENTATION.get(m, m), scale=1.0, digits=3)
+
+
+def mixed(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
+    """Each family evaluated on (evaluate rows, any suite): our student distilled on that family
+    ("specialist") vs our student distilled on ``mixed``; accuracy averaged over severities."""
+    sel = _scope(rows[rows["method"].eq("ours")], opts)
+    families = set(sel["distortion.family"].dropna()) - {"mixed", "identity"}
+    sel = sel[sel["distortion"].isin(families)]
+    student = np.where(sel["distortion.name"].eq("mixed"), "mixed",
+                       np.where(sel["distortion.family"].eq(sel["distortion"]), "specialist", None))
+    sel = sel.assign(student=student).dropna(subset=["student"])
+    if not sel["student"].eq("mixed").any():
+        return []
+    names = {"specialist": "Distilled on that family", "mixed": "Distilled on mixed"}
+    return _tables("mixed", "Mixed vs per-distortion students: accuracy (%)", sel, "distortion",
+                   "student", "Evaluated on", "`acc1` in %, mean over severities", "acc1",
+                   orders=(FAMILIES, names), row_label=_family, col_label=names.get)
+
+
+# ------------------------------------------------------------------------------ figures and CLI
+
+TABLES = {"table1": table1, "table2": table2, "table3": table3, "heldout": heldout,
+          "diagnostics": diagnostics, "demo": demo, "representation": representation,
+          "mixed": mixed}
+FIGURES = ("severity", "labels", "attention")
+LAYOUTS = {"paper": ("table1", "table2", "table3", "heldout", "diagnostics", *FIGURES),
+           "demo": ("demo", "representation", "mixed", *FIGURES)}
+ALIASES = {"fig2": "severity", "fig3": "labels", "fig4": "attention"}
+
+
+def make_figure(name: str, runs: pd.DataFrame, rows: pd.DataFrame, opts, out: Path) -> list[Path]:
+    """Draws ``severity.png`` (Fig. 2), ``labels.png`` (Fig. 3) or ``attention*.png`` (Fig. 4)."""
+    if name == "severity":
+        sel = _ranked(with_variant(_scope(rows[rows["suite"].eq("paper")], opts)), "distortion",
+                      FAMILIES)
+        return [p for p in [figures.severity_figure(sel, out / "severity.png", title=_family)] if p]
+    sel = _scope(runs[runs["status"].eq("ok")], opts)
+    if name == "labels":
+        sel = _main_loss(with_value(sel[sel["task"].eq("finetune")], opts.metric)[0])
+        sel = _ranked(with_variant(sel, ("distortion.name",)), "distortion.name", PRESET_ORDER)
+        return [p for p in [figures.labels_figure(sel, out / "labels.png")] if p]
+    npz = [Path(p) / "attention.npz" for p in sel["path"] if (Path(p) / "attention.npz").is_file()]
+    return figures.attention_figures(npz[0], out) if npz else []
+
+
+def _document(opts, runs: pd.DataFrame, sections: list, made: list, skipped: list) -> str:
+    n = runs["status"].value_counts()
+    lines = ["# distortkd results", "",
+             f"{len(runs)} run folders under {', '.join(map(str, opts.dirs))}: {n.get('ok', 0)} "
+             f"finished, {n.get('failed', 0)} failed, {n.get('missing', 0)} without metrics.json.",
+             "", *sections]
+    lines += ["## Figures", "", *(f"- `{p.name}`" for p in made), ""] if made else []
+    lines += ["## Skipped", "", *skipped, ""] if skipped else []
+    bad = runs[runs["status"].ne("ok")]
+    lines += ["## Failed or unfinished runs", ""] if len(bad) else []
+    lines += [f"- `{r.path}`: {r.status} ({r.error})" for r in bad.itertuples()]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _wanted(opts) -> list[str]:
+    if not opts.only:
+        return list(LAYOUTS[opts.layout])
+    names = [ALIASES.get(n.strip(), n.strip()) for n in opts.only.split(",") if n.strip()]
+    for name in names:
+        if name not in TABLES and name not in FIGURES:
+            raise unknown("report part", name, [*TABLES, *FIGURES, *ALIASES])
+    return names
+
+
+def build(opts) -> str:
+    """Writes ``tables/<name>.tex``, the figures and ``results.md`` under ``opts.out``.
+
+    Returns:
+        The markdown of ``results.md``.
+    """
+    runs, rows = scan(opts.dirs)
+    if runs.empty:
+        raise UserError(f"no run folders (with config.yaml) under {', '.join(map(str, opts.dirs))}")
+    (opts.out / "tables").mkdir(parents=True, exist_ok=True)
+    sections, made, skipped = [], [], []
+    for name in _wanted(opts):
+        try:
+            if name in TABLES:
+                tables = TABLES[name](runs, rows, opts)
+                for t in tables:
+                    (opts.out / "tables" / f"{t.name}.tex").write_text(to_latex(t))
+                sections += [to_markdown(t) for t in tables]
+                found = bool(tables)
+            else:
+                paths = make_figure(name, runs, rows, opts, opts.out)
+                made, found = made + paths, bool(paths)
+        except (ValueError, KeyError, OSError) as err:  # a malformed file costs its part only
+            skipped.append(f"- `{name}`: skipped, {type(err).__name__}: {err}")
+            continue
+        if not found:
+            skipped.append(f"- `{name}`: skipped, no matching runs")
+    text = _document(opts, runs, sections, made, skipped)
+    (opts.out / "results.md").write_text(text)
+    return text
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distortkd-report", description=__doc__.splitlines()[0])
+    p.add_argument("dirs", nargs="+", type=Path, help="folders searched for run folders")
+    p.add_argument("--out", type=Path, default=Path("report"), help="output folder (./report)")
+    p.add_argument("--layout", choices=sorted(LAYOUTS), default="paper")
+    p.add_argument("--only", help=f"comma-separated: {', '.join([*TABLES, *FIGURES, *ALIASES])}")
+    p.add_argument("--metric", default="test/acc1", help="test/acc1 falls back to val/acc1")
+    p.add_argument("--experiment", help="only this experiment's runs (drops default data filters)")
+    p.add_argument("--data", help="only runs on this dataset")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``distortkd-report``; returns the exit status (2 for a user error)."""
+    opts = _parser().parse_args(argv)
+    try:
+        text = build(opts)
+    except UserError as err:
+        print(f"distortkd-report: error: {err}", file=sys.stderr)
+        return 2
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.markdown import Markdown
+
+        Console().print(Markdown(text))
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""distortkd-bench: tables parse and match --json, timing is interleaved, compile is exact."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from distortkd import bench
+from distortkd.distortions import PRESETS, build
+from distortkd.losses import multilevel_loss
+from distortkd.steps import distill_loss
+from distortkd.vit import FrozenTeacher
+
+FAST = ["--tiny", "--iters", "2", "--warmup", "1"]
+
+
+def parse_table(out: str) -> dict[str, dict[str, float | None]]:
+    """Rows of the printed table keyed by variant; '-' cells become None."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("variant "))
+    cols = lines[start].split()
+    rows = {}
+    for line in lines[start + 1 :]:
+        if not line.strip():
+            break
+        name, *cells = line.split()
+        assert len(cells) == len(cols) - 1, line
+        rows[name] = {c: None if v == "-" else float(v) for c, v in zip(cols[1:], cells, strict=True)}
+    return rows
+
+
+def run_cli(capsys, tmp_path, argv: list[str]) -> tuple[str, dict, dict]:
+    path = tmp_path / "bench.json"
+    assert bench.main([*argv, *FAST, "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    return out, parse_table(out), json.loads(path.read_text())
+
+
+def check_report(out: str, rows: dict, data: dict, argv: list[str], variants: list[str]) -> None:
+    assert out.splitlines()[0] == "$ distortkd-bench " + " ".join([*argv, *FAST]) + " --json " + (
+        data["env"]["command"].rsplit(" ", 1)[1])
+    for key in ("device:", "torch:", "dtype:", "batch:", "image_size:", "model:", "warmup:"):
+        assert any(line.startswith(key) for line in out.splitlines()), key
+    assert list(rows) == variants
+    assert [r["variant"] for r in data["results"]] == variants
+    for result in data["results"]:
+        row = rows[result["variant"]]
+        assert row["img/s"] > 0 and row["median_ms"] > 0
+        assert len(result["ms"]) == 2
+        for col, printed in row.items():  # printed with 4 significant digits
+            assert printed == pytest.approx(result[col], rel=1e-3, abs=1e-12), (result["variant"], col)
+
+
+@pytest.mark.slow
+def test_taps_table(capsys, tmp_path):
+    argv = ["taps", "--batch", "4"]
+    out, rows, data = run_cli(capsys, tmp_path, argv)
+    check_report(out, rows, data, argv,
+                 ["forward_features", "extract_features", "extract_features[no_attn]"])
+    ratio = data["summary"]["ratio_extract_over_plain"]
+    assert ratio == pytest.approx(rows["extract_features"]["median_ms"] / rows["forward_features"]["median_ms"], rel=2e-3)
+    assert f"ratio_extract_over_plain: {ratio:.3f}" in out
+
+
+@pytest.mark.slow
+def test_step_table(capsys, tmp_path):
+    argv = ["step", "--batch", "4", "--peak-tflops", "1"]
+    out, rows, data = run_cli(capsys, tmp_path, argv)
+    check_report(out, rows, data, argv, ["supervised", "distill", "distill[no_attn]"])
+    flops = {name: row["GFLOP/img"] for name, row in rows.items()}
+    # The teacher's forward is extra work: distillation costs more FLOPs than fine-tuning.
+    assert flops["distill"] > flops["distill[no_attn]"] > flops["supervised"] > 0
+    assert all(row["MFU_%"] > 0 for row in rows.values())
+    assert "ratio_distill_over_supervised" in data["summary"]
+
+
+@pytest.mark.slow
+def test_distort_table_with_step(capsys, tmp_path):
+    argv = ["distort", "--batch", "8", "--with-step", "--model", "vit_small_patch16_224"]
+    out, rows, data = run_cli(capsys, tmp_path, argv)
+    variants = [v for name in PRESETS for v in (name, name + "+seeds")]
+    check_report(out, rows, data, argv, variants)
+    step_ips = data["summary"]["step_ips"]
+    assert step_ips > 0
+    for name, row in rows.items():
+        assert row["x_step"] == pytest.approx(row["img/s"] / step_ips, rel=2e-3), name
+
+
+@pytest.mark.slow
+def test_data_table(capsys, tmp_path):
+    pytest.importorskip("distortkd.data", reason="distortkd/data.py is not written yet")
+    argv = ["data", "--batch", "8", "--workers", "0,1", "--num-images", "100"]
+    out, rows, data = run_cli(capsys, tmp_path, argv)
+    check_report(out, rows, data, argv, ["workers=0", "workers=1"])
+    assert all(row["stream_img/s"] > 0 for row in rows.values())
+
+
+def test_measure_interleaves_and_takes_median():
+    args = bench._parser().parse_args(["taps", "--iters", "4", "--warmup", "1"])
+    b = bench._bench(args)
+    calls = []
+
+    def fn(name, seconds):
+        calls.append(name)
+        time.sleep(seconds)
+
+    res = b.measure({"a": lambda: fn("a", 0.002), "b": lambda: fn("b", 0.02)}, batch=10)
+    # Warm-up A, warm-up B, then rounds that alternate their order.
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
+    assert len(res["a"].ms) == len(res["b"].ms) == 4
+    assert 15 < res["b"].median_ms < 60 and res["a"].median_ms < res["b"].median_ms
+    assert res["b"].ips == pytest.approx(10 / res["b"].median_ms * 1e3)
+
+
+def test_unknown_model_is_one_line_error(capsys):
+    assert bench.main(["taps", "--model", "vit_smal_patch16_224"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "vit_smal_patch16_224" in err and "vit_small_patch16_224" in err
+
+
+def tiny_distillation():
+    b = bench._bench(bench._parser().parse_args(["step", "--tiny"]))
+    teacher, student = FrozenTeacher(b.encoder()), b.encoder().train()
+    torch.manual_seed(1)  # the student differs from the teacher, so every loss term is non-zero
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return b, teacher, student
+
+
+@pytest.mark.parametrize("preset", ["mask_weak", "noise_weak"])
+def test_compiled_distill_loss_matches_eager(preset):
+    b, teacher, student = tiny_distillation()
+    images, seeds = b.images(4), torch.arange(4) * 1_000_003 + 7
+    args = (student, teacher, build(preset), multilevel_loss, images, seeds)
+    eager = distill_loss(*args)
+    torch._dynamo.reset()
+    compiled = torch.compile(distill_loss)(*args)
+    assert set(compiled) == set(eager)
+    for key, value in eager.items():
+        assert value.item() > 0, key
+        assert compiled[key].item() == pytest.approx(value.item(), rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize("with_seeds", [False, True])
+def test_distill_loss_has_no_graph_breaks(with_seeds):
+    b, teacher, student = tiny_distillation()
+    images = b.images(4)
+    seeds = torch.arange(4) if with_seeds else None
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(distill_loss)(
+        student, teacher, build("mask_weak"), multilevel_loss, images, seeds)
+    reasons = [str(r.reason) for r in explained.break_reasons]
+    assert explained.graph_break_count == 0, reasons
+    assert explained.graph_count == 1

@@ -1,0 +1,193 @@
+"""ImageNet-C corruptions: range/dtype, severity ordering, seeded determinism, reference agreement."""
+
+import colorsys
+import io
+from itertools import pairwise
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+from distortkd import corruptions as C
+from distortkd.distortions import _Draw
+from distortkd.errors import UserError
+
+RANDOM = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise")
+
+
+def natural(batch: int = 4, size: int = 64, seed: int = 0) -> torch.Tensor:
+    """Smooth random images: a luminance field with two scales of detail plus weak colour."""
+    g = torch.Generator().manual_seed(seed)
+    up = lambda t, mode: F.interpolate(t, size=size, mode=mode)  # noqa: E731
+    lum = up(torch.rand(batch, 1, 8, 8, generator=g), "bicubic")
+    lum = lum + 0.3 * up(torch.rand(batch, 1, 16, 16, generator=g), "bilinear")
+    lo, hi = lum.amin((2, 3), keepdim=True), lum.amax((2, 3), keepdim=True)
+    chroma = up(torch.rand(batch, 3, 4, 4, generator=g) - 0.5, "bilinear")
+    return (0.15 + 0.7 * (lum - lo) / (hi - lo) + 0.25 * chroma).clamp(0, 1)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return natural()
+
+
+@pytest.mark.parametrize("name", C.HELDOUT)
+def test_range_dtype_and_severity_order(images, name):
+    seeds = torch.arange(len(images))
+    mse = []
+    for level in C.LEVELS:
+        out = C.Corruption(name, level)(images, seeds)
+        assert out.shape == images.shape and out.dtype == images.dtype
+        assert out.min() >= 0 and out.max() <= 1
+        mse.append(((out - images) ** 2).mean().item())
+    assert mse[0] > 0 and all(a < b for a, b in pairwise(mse)), mse
+
+
+@pytest.mark.parametrize("name", C.HELDOUT)
+def test_seeded_is_pure_function_of_image_and_seed(images, name):
+    corrupt, seeds = C.Corruption(name, 4), torch.tensor([5, 6, 7, 8])
+    full = corrupt(images, seeds)
+    assert torch.equal(full, corrupt(images, seeds))
+    assert torch.equal(
+        full[1:3], corrupt(images[1:3], seeds[1:3])
+    )  # batch composition is irrelevant
+    if name in RANDOM:
+        assert not torch.equal(full, corrupt(images, seeds + 100))
+        assert not torch.equal(corrupt(images), corrupt(images))  # unseeded: global generator
+
+
+@pytest.mark.parametrize("name", C.HELDOUT)
+def test_bfloat16_and_float64(images, name):
+    seeds = torch.arange(len(images))
+    ref = C.Corruption(name, 3)(images, seeds)
+    for dtype in (torch.bfloat16, torch.float64):
+        out = C.Corruption(name, 3)(images.to(dtype), seeds)
+        assert out.dtype == dtype and out.min() >= 0 and out.max() <= 1
+        assert (out.float() - ref).abs().mean() < 0.02
+
+
+def test_bad_name_and_severity():
+    with pytest.raises(UserError, match="unknown corruption 'fogg'.*shot_noise"):
+        C.Corruption("fogg")
+    for level in (0, 6, 2.5, True):
+        with pytest.raises(UserError, match="accepted: 1..5"):
+            C.Corruption("contrast", level)
+    with pytest.raises(UserError, match="accepted: 1..5"):
+        C.CORRUPTIONS["contrast"](natural(1), 0, None)
+
+
+def test_severity_field_and_suite():
+    assert C.Corruption().severity == 3 and C.Corruption("pixelate", 5).severity == 5
+    assert C.Corruption("pixelate", 5).describe() == {
+        "family": "corruption",
+        "name": "pixelate",
+        "severity": 5,
+    }
+    suite = C.heldout_suite()
+    assert len(suite) == 5 * len(C.HELDOUT) == len(set(suite))
+    assert [c.name for c in suite[::5]] == list(C.HELDOUT) and suite[4].severity == 5
+
+
+@pytest.mark.parametrize("name", ["zoom_blur", "gaussian_blur", "pixelate", "contrast"])
+def test_filters_preserve_constant_images(name):
+    x = torch.full((2, 3, 48, 40), 0.37)
+    assert (C.Corruption(name, 5)(x) - x).abs().max() < 1e-6
+
+
+def test_defocus_gain_is_the_references():
+    x = torch.full((2, 3, 48, 40), 0.37)
+    for level, gain in [(1, 1.0), (3, 1.0), (4, 1.01298), (5, 1.01079)]:
+        # cv2's reflected kernel border adds mass to the disks of radius 8 and 10 (see _disk)
+        assert (C.Corruption("defocus_blur", level)(x) - 0.37 * gain).abs().max() < 1e-5
+
+
+def _hsv_reference(x: torch.Tensor, edit) -> torch.Tensor:
+    """Per-pixel colorsys round trip (skimage's conventions: grey pixels get hue 0)."""
+    px = x[0].permute(1, 2, 0).reshape(-1, 3).double().tolist()
+    out = [colorsys.hsv_to_rgb(*edit(*colorsys.rgb_to_hsv(*p))) for p in px]
+    return (
+        torch.tensor(out, dtype=torch.float64)
+        .reshape(x.shape[2], x.shape[3], 3)
+        .permute(2, 0, 1)[None]
+    )
+
+
+@pytest.mark.parametrize("level", [1, 3, 5])
+def test_brightness_and_saturate_match_hsv_round_trip(level):
+    x = torch.rand(1, 3, 6, 6, generator=torch.Generator().manual_seed(level), dtype=torch.float64)
+    x[..., 0, 0], x[..., 0, 1] = 0.0, 0.4  # a black and a grey pixel
+    shift = C.PARAMS["brightness"][level - 1]
+    ref = _hsv_reference(x, lambda h, s, v: (h, s, min(v + shift, 1.0)))
+    assert (C.brightness(x, level, None) - ref).abs().max() < 1e-9
+    a, b = C.PARAMS["saturate"][level - 1]
+    ref = _hsv_reference(x, lambda h, s, v: (h, min(max(s * a + b, 0.0), 1.0), v))
+    assert (C.saturate(x, level, None) - ref).abs().max() < 1e-9
+
+
+@pytest.mark.parametrize("level", [1, 3, 5])
+def test_pixelate_matches_pil_box(level):
+    x = (natural(1, 50, seed=level)[0] * 255).round().to(torch.uint8)
+    img = Image.fromarray(x.permute(1, 2, 0).numpy())
+    factor = C.PARAMS["pixelate"][level - 1]
+    small = img.resize((int(50 * factor), int(50 * factor)), Image.BOX)
+    ref = torch.from_numpy(np.array(small.resize((50, 50), Image.BOX))).permute(2, 0, 1) / 255
+    ours = C.pixelate(x[None] / 255.0, level, None)[0]
+    assert (ours - ref).abs().max() <= 1.01 / 255  # PIL rounds to uint8 after each pass
+
+
+def test_gaussian_blur_matches_torchvision_inside_border(images):
+    sigma = C.PARAMS["gaussian_blur"][2]
+    radius = 4 * sigma
+    ref = TF.gaussian_blur(images, [2 * radius + 1] * 2, [float(sigma)] * 2)
+    ours = C.gaussian_blur(images, 3, None)
+    inner = (..., slice(radius, -radius), slice(radius, -radius))
+    assert (ours[inner] - ref[inner]).abs().max() < 1e-5
+    assert (ours - ref).abs().max() > 1e-4  # border: skimage replicates, torchvision reflects
+
+
+@pytest.mark.parametrize(("level", "value"), [(1, 0.5), (5, 0.1)])
+def test_shot_noise_is_poisson(level, value):
+    photons = C.PARAMS["shot_noise"][level - 1]
+    rate = value * photons
+    counts = C.shot_noise(
+        torch.full((2, 3, 64, 64), value), level, _Draw(torch.empty(2), torch.arange(2))
+    )
+    counts = (counts * photons).round()  # clamping to 1 only cuts counts > photons, far in the tail
+    assert (
+        abs(counts.mean().item() - rate) < 0.05 * rate
+        and abs(counts.var().item() - rate) < 0.1 * rate
+    )
+    zeros = (counts == 0).double().mean().item()
+    assert abs(zeros - np.exp(-rate)) < 0.02
+
+
+def test_impulse_noise_fraction():
+    x = torch.full((2, 3, 64, 64), 0.5)
+    amount = C.PARAMS["impulse_noise"][4]
+    out = C.Corruption("impulse_noise", 5)(x, torch.arange(2))
+    assert abs((out != x).float().mean().item() - amount) < 0.01
+    assert abs((out == 1).float().mean().item() - amount / 2) < 0.01
+
+
+@pytest.mark.parametrize("level", [1, 5])
+def test_jpeg_matches_pil(images, level):
+    quality = C.PARAMS["jpeg_compression"][level - 1]
+    ours = C.Corruption("jpeg_compression", level)(images)
+    for image, out in zip(images, ours, strict=True):
+        buffer = io.BytesIO()
+        Image.fromarray((image * 255).round().byte().permute(1, 2, 0).numpy()).save(
+            buffer, "JPEG", quality=quality
+        )
+        ref = torch.from_numpy(np.array(Image.open(buffer))).permute(2, 0, 1) / 255
+        assert (out - ref).abs().max() <= 2 / 255  # identical with one libjpeg; allow another's DCT
+    assert ((ours - images) ** 2).mean() > 1e-5
+
+
+def test_clipped_zoom_maps_corners_like_scipy():
+    ramp = torch.arange(8.0).view(1, 1, 8, 1).expand(1, 1, 8, 8)
+    out = C._clipped_zoom(ramp, 2.0)  # crop rows 2..5, zoomed to 8 rows: row j samples 2 + 3j/7
+    expected = 2 + torch.arange(8.0) * 3 / 7
+    assert (out[0, 0, :, 0] - expected).abs().max() < 1e-5
