@@ -46,11 +46,9 @@ PEAK_BF16_TFLOPS = (
     ("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("B200", 2250.0),
     ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10", 125.0),
 )
-MEM_NOTE = {
-    "cuda": "peak_MiB: torch.cuda.max_memory_allocated during the variant's own calls",
-    "cpu": "peak_MiB: process max RSS (ru_maxrss) after the variant's warm-up; cumulative over "
-    "variants in table order, so only increases between rows are attributable to a variant",
-}
+MEM_NOTE = {"cuda": "peak_MiB: torch.cuda.max_memory_allocated during the variant's own calls",
+            "cpu": "peak_MiB: process max RSS (ru_maxrss) after the variant's warm-up, cumulative "
+                   "over the rows above it (only increases are the variant's)"}
 
 
 @dataclass
@@ -72,8 +70,8 @@ class Result:
         return self.batch / self.median_ms * 1e3
 
     def row(self) -> dict:
-        return {"variant": self.name, "median_ms": self.median_ms, "min_ms": min(self.ms), "img/s": self.ips,
-                "peak_MiB": self.peak_mib, **self.extra}
+        return {"variant": self.name, "median_ms": self.median_ms, "min_ms": min(self.ms),
+                "img/s": self.ips, "peak_MiB": self.peak_mib, **self.extra}
 
 
 @dataclass
@@ -85,22 +83,18 @@ class Bench:
     dtype: torch.dtype | None
 
     def autocast(self):
-        if self.dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        return nullcontext() if self.dtype is None else torch.autocast(self.device.type, self.dtype)
 
-    def sync(self) -> None:
+    def sync(self, reset_peak: bool = False) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            if reset_peak:
+                torch.cuda.reset_peak_memory_stats(self.device)
 
     def peak_mib(self) -> float:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-    def reset_peak(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
 
     def measure(self, fns: dict[str, Callable[[], object]], batch: int) -> dict[str, Result]:
         """Warms each variant up in turn, then times ``--iters`` rounds of all variants interleaved.
@@ -109,7 +103,7 @@ class Bench:
         """
         peak = {}
         for name, fn in fns.items():
-            self.reset_peak()
+            self.sync(reset_peak=True)
             for _ in range(self.args.warmup):
                 fn()
             self.sync()
@@ -118,8 +112,7 @@ class Bench:
         order = list(fns)
         for i in range(self.args.iters):
             for name in order if i % 2 == 0 else order[::-1]:
-                self.reset_peak()
-                self.sync()
+                self.sync(reset_peak=True)
                 t0 = time.perf_counter()
                 fns[name]()
                 self.sync()
@@ -145,24 +138,12 @@ def paired_ratio(a: Result, b: Result) -> float:
     return statistics.median(t / u for t, u in zip(a.ms, b.ms, strict=True))
 
 
-# ----------------------------------------------------------------------------- taps
-
-
 def cmd_taps(b: Bench) -> tuple[list[Result], dict]:
     """``forward_features`` vs ``extract_features`` (with and without attention), inference."""
-    model = b.encoder().backbone.eval()
-    x = b.images()
-
-    def plain(t):
-        return model.forward_features(t)
-
-    def taps(t):
-        return extract_features(model, t)
-
-    def taps_no_attn(t):
-        return extract_features(model, t, with_attn=False)
-
-    fns = {"forward_features": plain, "extract_features": taps, "extract_features[no_attn]": taps_no_attn}
+    model, x = b.encoder().backbone.eval(), b.images()
+    fns = {"forward_features": model.forward_features,
+           "extract_features": partial(extract_features, model),
+           "extract_features[no_attn]": partial(extract_features, model, with_attn=False)}
 
     def run(fn):
         with torch.no_grad(), b.autocast():
@@ -171,12 +152,9 @@ def cmd_taps(b: Bench) -> tuple[list[Result], dict]:
     fns = {k: partial(run, torch.compile(f) if b.args.compile else f) for k, f in fns.items()}
     res = b.measure(fns, b.args.batch)
     a, p = res["extract_features"], res["forward_features"]
-    summary = {"ratio_extract_over_plain": a.median_ms / p.median_ms,
-               "ratio_paired_median": paired_ratio(a, p), "target_max": 1.03}
+    summary = {"ratio_extract/plain": a.median_ms / p.median_ms,
+               "ratio_extract/plain_paired": paired_ratio(a, p), "target_max": 1.03}
     return list(res.values()), summary
-
-
-# ----------------------------------------------------------------------------- step
 
 
 def train_step(b: Bench, params, loss_of: Callable[..., Tensor], compile: bool) -> Callable:
@@ -198,28 +176,25 @@ def train_step(b: Bench, params, loss_of: Callable[..., Tensor], compile: bool) 
     return step
 
 
-def distill_step(b: Bench, teacher: FrozenTeacher, distortion: Distortion, gamma: float,
-                 compile: bool = False, model: str | None = None) -> tuple[Callable, Callable]:
-    """Returns ``(step(images), loss(images))`` of a fresh student distilled from ``teacher``."""
-    student = b.encoder(model).train()
-    loss_fn = partial(multilevel_loss, gamma=gamma)
+def distill_loss_fn(b: Bench, teacher: FrozenTeacher, distortion: Distortion, gamma: float):
+    """A fresh student and ``loss(images)`` of its distillation from ``teacher``."""
+    student, loss_fn = b.encoder().train(), partial(multilevel_loss, gamma=gamma)
 
     def loss_of(images: Tensor) -> Tensor:
         return distill_loss(student, teacher, distortion, loss_fn, images, with_attn=gamma > 0)["loss"]
 
-    return train_step(b, student.parameters(), loss_of, compile), loss_of
+    return [*student.parameters()], loss_of
 
 
-def supervised_step(b: Bench, distortion: Distortion, compile: bool = False) -> tuple[Callable, Callable]:
-    """Returns ``(step(images, labels), loss(images, labels))``: the student plus a linear head."""
+def supervised_loss_fn(b: Bench, distortion: Distortion):
+    """A fresh student with a linear head and ``loss(images, labels)`` of its fine-tuning."""
     student = b.encoder().train()
     head = nn.Linear(student.embed_dim, b.args.classes).to(b.device)
 
     def loss_of(images: Tensor, labels: Tensor) -> Tensor:
         return supervised_loss(student, head, distortion, images, labels)[0]
 
-    params = [*student.parameters(), *head.parameters()]
-    return train_step(b, params, loss_of, compile), loss_of
+    return [*student.parameters(), *head.parameters()], loss_of
 
 
 def flops_per_image(b: Bench, loss_of: Callable, *inputs: Tensor) -> float:
@@ -242,10 +217,8 @@ def flops_per_image(b: Bench, loss_of: Callable, *inputs: Tensor) -> float:
 
 def peak_tflops(b: Bench) -> float | None:
     """``--peak-tflops``, else the bf16 table entry for a CUDA device in bf16, else None."""
-    if b.args.peak_tflops:
+    if b.args.peak_tflops or b.device.type != "cuda" or b.dtype is not torch.bfloat16:
         return b.args.peak_tflops
-    if b.device.type != "cuda" or b.dtype is not torch.bfloat16:
-        return None
     name = torch.cuda.get_device_name(b.device)
     return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
 
@@ -256,17 +229,17 @@ def step_variants(b: Bench) -> tuple[dict[str, Callable], dict[str, float]]:
     distortion = build(b.args.distortion)
     x = b.images()
     y = torch.randint(0, b.args.classes, (b.args.batch,), device=b.device)
-    specs = {"supervised": (supervised_step, (distortion,), (x, y)),
-             "distill": (distill_step, (teacher, distortion, 1.0), (x,)),
-             "distill[no_attn]": (distill_step, (teacher, distortion, 0.0), (x,))}
+    specs = {"supervised": (partial(supervised_loss_fn, b, distortion), (x, y)),
+             "distill": (partial(distill_loss_fn, b, teacher, distortion, 1.0), (x,)),
+             "distill[no_attn]": (partial(distill_loss_fn, b, teacher, distortion, 0.0), (x,))}
     fns, flops = {}, {}
     for compile in (False, True) if b.args.compile else (False,):
-        for name, (make, make_args, inputs) in specs.items():
+        for name, (make, inputs) in specs.items():
             if compile and name == "distill[no_attn]":
                 continue
-            step, loss_of = make(b, *make_args, compile=compile)
+            params, loss_of = make()
             key = name + "+compile" if compile else name
-            fns[key] = partial(step, *inputs)
+            fns[key] = partial(train_step(b, params, loss_of, compile), *inputs)
             flops[key] = flops[name] if compile else flops_per_image(b, loss_of, *inputs)
     return fns, flops
 
@@ -281,28 +254,22 @@ def cmd_step(b: Bench) -> tuple[list[Result], dict]:
         if peak:
             r.extra["MFU_%"] = 100 * flops[name] * r.ips / (peak * 1e12)
     summary = {"flops": "FlopCounterMode, one fwd+bwd, optimizer excluded", "peak_tflops": peak,
-               "target_max": 1.40}
-    for suffix in ("", "+compile"):
-        if "distill" + suffix in res:
-            ratio = res["distill" + suffix].median_ms / res["supervised" + suffix].median_ms
-            summary[f"ratio_distill{suffix}_over_supervised{suffix}"] = ratio
-            summary[f"ratio_distill{suffix}_paired_median"] = paired_ratio(
-                res["distill" + suffix], res["supervised" + suffix])
-    summary["ratio_distill[no_attn]_over_supervised"] = (
-        res["distill[no_attn]"].median_ms / res["supervised"].median_ms)
-    summary["flop_ratio_distill_over_supervised"] = flops["distill"] / flops["supervised"]
+               "flop_ratio_distill/supervised": flops["distill"] / flops["supervised"]}
+    for num in ("distill", "distill[no_attn]", "distill+compile"):
+        den = "supervised+compile" if num.endswith("+compile") else "supervised"
+        if num in res:
+            summary[f"ratio_{num}/{den}"] = res[num].median_ms / res[den].median_ms
+            summary[f"ratio_{num}/{den}_paired"] = paired_ratio(res[num], res[den])
+    summary["target_max"] = 1.40
     return list(res.values()), summary
-
-
-# ----------------------------------------------------------------------------- distort
 
 
 def measure_step_ips(b: Bench) -> float:
     """Images/s of the attention-distillation step of ``--model`` at ``--step-batch``."""
     batch = b.args.step_batch or b.args.batch
-    teacher = FrozenTeacher(b.encoder())
-    step, _ = distill_step(b, teacher, build("mask_weak"), gamma=1.0)
-    return b.measure({"distill": partial(step, b.images(batch))}, batch)["distill"].ips
+    params, loss_of = distill_loss_fn(b, FrozenTeacher(b.encoder()), build("mask_weak"), 1.0)
+    step = partial(train_step(b, params, loss_of, compile=False), b.images(batch))
+    return b.measure({"distill": step}, batch)["distill"].ips
 
 
 def cmd_distort(b: Bench) -> tuple[list[Result], dict]:
@@ -328,9 +295,6 @@ def cmd_distort(b: Bench) -> tuple[list[Result], dict]:
     return list(res.values()), summary
 
 
-# ----------------------------------------------------------------------------- data
-
-
 def write_imagefolder(root: Path, n: int, classes: int, size=(500, 400)) -> Path:
     """Writes ``n`` random-texture JPEGs (~500×400) in ``classes`` folders under ``root/train``."""
     import numpy as np
@@ -338,12 +302,11 @@ def write_imagefolder(root: Path, n: int, classes: int, size=(500, 400)) -> Path
 
     rng = np.random.default_rng(0)
     for i in range(n):
-        folder = root / "train" / f"class_{i % classes:02d}"
+        folder = root / "train" / f"class_{i % classes:03d}"
         folder.mkdir(parents=True, exist_ok=True)
-        # Smooth noise compresses like a photo (~50 KB), unlike white noise.
+        # Upsampled noise compresses like a photo (tens of KB), unlike white noise.
         small = rng.integers(0, 256, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
-        img = Image.fromarray(small).resize(size, Image.BILINEAR)
-        img.save(folder / f"{i:05d}.jpg", quality=90)
+        Image.fromarray(small).resize(size, Image.BILINEAR).save(folder / f"{i:05d}.jpg", quality=90)
     return root
 
 
@@ -370,28 +333,20 @@ def cmd_data(b: Bench) -> tuple[list[Result], dict]:
 
 
 def time_loader(b: Bench, loader) -> Result:
-    """Times ``--iters`` batches after ``--warmup`` batches (worker start-up); loops epochs."""
-    def batches():
-        while True:
-            yield from loader
+    """Times ``--iters`` batches after ``--warmup`` (worker start-up), looping over epochs.
 
-    it = batches()
-    peak0 = b.peak_mib()
+    Read ``stream_img/s`` (images / total time): workers prefetch, so one batch's time means little.
+    """
+    it = (batch for _ in iter(int, 1) for batch in loader)  # endless; workers persist
     for _ in range(max(1, b.args.warmup)):
         next(it)
-    ms, n = [], 0
-    start = time.perf_counter()
+    ms, n, start = [], 0, time.perf_counter()
     for _ in range(b.args.iters):
         t0 = time.perf_counter()
-        batch = next(it)
+        n += len(next(it)["image"])
         ms.append((time.perf_counter() - t0) * 1e3)
-        n += len(batch["image"])
-    total = time.perf_counter() - start
-    name = f"workers={loader.num_workers}"
-    return Result(name, loader.batch_size, ms, max(peak0, b.peak_mib()), {"stream_img/s": n / total})
-
-
-# ----------------------------------------------------------------------------- CLI
+    extra = {"stream_img/s": n / (time.perf_counter() - start)}
+    return Result(f"workers={loader.num_workers}", loader.batch_size, ms, b.peak_mib(), extra)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -429,21 +384,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    return [int(v) for v in text.split(",") if v.strip()]  # argparse reports a ValueError itself
 
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        name = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine()
-    return f"{name} ({torch.get_num_threads()} threads)"
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
+    return f"{names[0] if names else platform.processor()} ({torch.get_num_threads()} threads)"
 
 
 def _bench(args: argparse.Namespace) -> Bench:
@@ -460,11 +409,13 @@ def _bench(args: argparse.Namespace) -> Bench:
 
 
 def header(b: Bench, argv: Sequence[str]) -> dict:
-    a = b.args
+    """The environment lines; ``loadavg`` (1, 5, 15 min, at the end) tells whether others ran."""
+    a, load = b.args, os.getloadavg()
     return {"command": shlex.join(["distortkd-bench", *argv]), "device": device_name(b.device),
             "torch": torch.__version__, "dtype": a.dtype, "batch": a.batch, "image_size": a.img_size,
-            "model": getattr(a, "model", "-") + (" (tiny)" if a.tiny else ""),
-            "warmup": a.warmup, "iters": a.iters, "loadavg": "%.2f %.2f %.2f" % os.getloadavg(), **({"compile": a.compile} if "compile" in a else {})}
+            "model": getattr(a, "model", "-") + (" (tiny)" if a.tiny else ""), "warmup": a.warmup,
+            "iters": a.iters, "compile": getattr(a, "compile", "-"),
+            "loadavg": f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"}
 
 
 def render(env: dict, results: list[Result], summary: dict, device: str) -> str:
@@ -473,24 +424,20 @@ def render(env: dict, results: list[Result], summary: dict, device: str) -> str:
     lines += [f"{k + ':':<11} {v}" for k, v in env.items() if k != "command"]
     rows = [r.row() for r in results]
     cols = list(dict.fromkeys(k for row in rows for k in row))
-
-    def cell(v):
-        return "-" if v is None else v if isinstance(v, str) else _fmt(v)
-
-    table = [cols] + [[cell(row.get(c)) for c in cols] for row in rows]
+    table = [cols] + [[_fmt(row.get(c)) for c in cols] for row in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(cols))]
-    lines.append("")
-    for r in table:
-        lines.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w)
-                               for i, (v, w) in enumerate(zip(r, widths, strict=True))))
-    lines.append("")
+    lines += [""] + ["  ".join(v.ljust(w) if i == 0 else v.rjust(w)
+                               for i, (v, w) in enumerate(zip(r, widths, strict=True)))
+                     for r in table] + [""]
     lines += [f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in summary.items()]
     lines.append(MEM_NOTE[device])
     return "\n".join(lines)
 
 
-def _fmt(v: float) -> str:
+def _fmt(v: float | str | None) -> str:
     """Four significant digits, never in exponent notation (``1234``, ``12.35``, ``0.001235``)."""
+    if v is None or isinstance(v, str):
+        return v or "-"
     if v == 0 or not math.isfinite(v):
         return str(v)
     return f"{v:.{max(0, 3 - math.floor(math.log10(abs(v))))}f}"
@@ -499,27 +446,22 @@ def _fmt(v: float) -> str:
 COMMANDS = {"taps": cmd_taps, "step": cmd_step, "distort": cmd_distort, "data": cmd_data}
 
 
-def run(argv: Sequence[str] | None = None) -> dict:
-    """Parses ``argv``, runs the sub-command, prints the table; returns what ``--json`` writes."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parses ``argv``, runs the sub-command, prints the table and writes ``--json``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    b = _bench(args)
-    results, summary = COMMANDS[args.command](b)
-    env = header(b, argv)
-    print(render(env, results, summary, b.device.type), flush=True)
-    out = {"env": env, "results": [{**r.row(), "ms": r.ms} for r in results], "summary": summary}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2))
-    return out
-
-
-def main(argv: Sequence[str] | None = None) -> int:
     try:
-        run(argv)
+        b = _bench(args)
+        results, summary = COMMANDS[args.command](b)
     except UserError as err:
         print(f"distortkd-bench: error: {err}", file=sys.stderr)
         return 2
+    env = header(b, argv)
+    print(render(env, results, summary, b.device.type), flush=True)
+    if args.json:
+        out = {"env": env, "results": [{**r.row(), "ms": r.ms} for r in results], "summary": summary}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2))
     return 0
 
 

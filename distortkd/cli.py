@@ -34,6 +34,11 @@ OmegaConf.register_new_resolver(
 )
 
 
+def _plain(node) -> dict:
+    """A config node as a plain dict (None and empty nodes as {})."""
+    return {} if node is None else OmegaConf.to_container(node, resolve=True)
+
+
 def build_model(cfg: DictConfig, pretrained: bool | None = None):
     """The encoder a ``model/`` config describes.
 
@@ -50,7 +55,7 @@ def build_model(cfg: DictConfig, pretrained: bool | None = None):
         mean=tuple(cfg.mean) if cfg.get("mean") else None,
         std=tuple(cfg.std) if cfg.get("std") else None,
         keep_head=cfg.get("keep_head", False),
-        **OmegaConf.to_container(cfg.get("timm_kwargs") or {}),
+        **_plain(cfg.get("timm_kwargs")),
     )
     if ckpt:
         load_encoder_weights(encoder, cfg.weights_file)
@@ -58,14 +63,14 @@ def build_model(cfg: DictConfig, pretrained: bool | None = None):
 
 
 def build_distortion(cfg: DictConfig) -> distortions.Distortion:
-    return distortions.build(cfg.family, **OmegaConf.to_container(cfg.params or {}))
+    return distortions.build(cfg.family, **_plain(cfg.params))
 
 
 def build_loss(cfg: DictConfig):
     """``(loss_fn with parameters bound, contrastive?, needs attention taps?)``."""
     if cfg.fn not in LOSSES:
         raise unknown("loss function", cfg.fn, LOSSES)
-    params = OmegaConf.to_container(cfg.params or {})
+    params = _plain(cfg.params)
     contrastive = cfg.fn == "contrastive"
     return partial(LOSSES[cfg.fn], **params), contrastive, not contrastive and params.get("gamma", 0) != 0
 
@@ -113,13 +118,12 @@ def run_finetune(cfg: DictConfig, run_dir: Path) -> dict:
         knn_k=cfg.finetune.knn_k, knn_temperature=cfg.finetune.knn_temperature,
     )
     trainer = make_trainer(cfg, run_dir, monitor="val/acc1", mode="max")
-    if cfg.finetune.mode == "knn":
-        trainer.validate(module, datamodule=datamodule)
-    else:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg, run_dir))
+    if cfg.finetune.mode == "knn":  # nothing to train: score the frozen features on the test split
+        trainer.test(module, datamodule=datamodule)
+        return _metrics(trainer)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg, run_dir))
     metrics = _metrics(trainer)
-    ckpt = None if cfg.finetune.mode == "knn" or cfg.finetune.test_ckpt == "last" else "best"
-    trainer.test(module, datamodule=datamodule, ckpt_path=ckpt)
+    trainer.test(module, datamodule=datamodule, ckpt_path="best" if cfg.finetune.test_ckpt == "best" else None)
     return {**metrics, **_metrics(trainer)}
 
 

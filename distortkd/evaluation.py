@@ -122,7 +122,9 @@ def _save_attention(cfg, run_dir, module, teacher, datamodule, build_model, devi
     if cfg.attention.baseline_ckpt:
         base_cfg = OmegaConf.merge(cfg, {"ckpt": cfg.attention.baseline_ckpt})
         baseline = load_finetuned(base_cfg, build_model, datamodule.num_classes).encoder.to(device)
-    dist = distortions.build(cfg.distortion.family, **OmegaConf.to_container(cfg.distortion.params))
+    from distortkd.cli import build_distortion
+
+    dist = build_distortion(cfg.distortion)
     with torch.no_grad():
         maps = attention_maps(module.encoder.to(device).eval(), teacher, baseline, images, dist, seeds)
     np.savez_compressed(run_dir / "attention.npz", **maps)

@@ -26,13 +26,14 @@ from distortkd.errors import UserError, unknown
 
 CONFIG_FIELDS = ("task", "experiment", "method", "seed", "model.name", "data.name",
                  "data.label_fraction", "distortion.name", "distortion.family", "loss.name",
-                 "finetune.mode")
+                 "finetune.mode", "pretrain.distortion")
 BASE_COLUMNS = (*CONFIG_FIELDS, "suite", "status", "error", "path")
 ROW_METRICS = ("cos_cls", "cos_patch", "cka_cls", "attn_kl", "attn_iou")
 METHODS = {"ci": "CI", "supervised": "Supervised", "ours": "Ours"}
 PRESET_ORDER = ("mask_weak", "mask_strong", "noise_weak", "noise_strong", "blur_weak",
                 "blur_strong")
 STRONG = ("mask_strong", "noise_strong", "blur_strong")
+STUDENT_ORDER = ("mask_strong", "noise_strong", "blur_strong", "blur_demo", "mixed", "mixed_demo")
 FAMILIES = {"mask": ("RM", "Random Mask"), "gaussian_noise": ("GN", "Gaussian Noise"),
             "gaussian_blur": ("GB", "Gaussian Blur"), "mixed": ("MX", "Mixed"),
             "identity": ("ID", "Clean")}
@@ -285,8 +286,9 @@ def to_latex(table: Table) -> str:
 def _tables(name: str, title: str, df: pd.DataFrame, rows, cols, header: str, what: str,
             value: str = "value", split: Sequence[str] = ("model.name", "finetune.mode"),
             orders: tuple = (None, None), **fmt) -> list[Table]:
-    """Pivots ``value`` into one table per combination of the ``split`` fields that vary."""
-    varying = [f for f in split if df[f].nunique() > 1]
+    """Pivots ``value`` into one table per combination of the ``split`` fields that vary within
+    a method (CI's own backbone is no reason to split; two ViTs for our method are)."""
+    varying = [f for f in split if df.groupby("method", dropna=False)[f].nunique().gt(1).any()]
     out = []
     df = df.fillna({f: "unspecified" for f in varying})
     for key, part in df.groupby(varying) if varying else [((), df)]:
@@ -441,9 +443,14 @@ def heldout(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
 
 
 def diagnostics(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
-    """Representation diagnostics per model × distortion, averaged over severities per seed."""
+    """Representation diagnostics per model × distortion, averaged over severities per seed; the
+    rows' ``teacher_*`` values (teacher on distorted vs on clean) give a "Teacher" reference."""
     sel = with_variant(_scope(rows, opts))
     present = [m for m in ROW_METRICS if m in sel and sel[m].notna().any()]
+    pre = {f"teacher_{m}": m for m in present if f"teacher_{m}" in sel}
+    if pre:
+        teacher = sel.drop(columns=present).rename(columns=pre).assign(variant="Teacher (distorted)")
+        sel = pd.concat([teacher, sel], ignore_index=True)
     long = sel.melt(id_vars=["variant", "distortion", "seed", "path", "status"], value_vars=present,
                     var_name="metric", value_name="v").dropna(subset=["v"])
     order = list(long[["variant", "distortion"]].itertuples(index=False, name=None))
@@ -455,6 +462,7 @@ def diagnostics(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
 def demo(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
     """Demo: (distortion, label fraction) × method, and Δ = Ours − Supervised (of the means)."""
     sel = _main_loss(_finetune(runs, opts, None))
+    sel = sel[sel["finetune.mode"].fillna("full").eq("full") & sel["distortion.family"].ne("identity")]
     sel, what = with_value(sel[sel["method"].isin(["supervised", "ours"])], opts.metric)
     tables = _tables("demo", "Demo: accuracy by distortion and label fraction (%)", sel,
                      ["distortion.name", "data.label_fraction"], "method", "Distortion / labels",
@@ -470,7 +478,7 @@ def demo(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
 def representation(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
     """Cosine to the clean teacher before (teacher on distorted) and after (student) distilling."""
     sel = _scope(runs[runs["task"].eq("distill") & runs["method"].eq("ours")], opts)
-    ids = ["distortion.name", "model.name", "loss.name", "seed", "path", "status"]
+    ids = ["method", "distortion.name", "model.name", "loss.name", "seed", "path", "status"]
     long = sel.melt(id_vars=ids, value_vars=[m for m in REPRESENTATION if m in sel],
                     var_name="metric", value_name="v")
     long = long[long["v"].notna() | long["status"].ne("ok")]  # failed runs stay, as missing cells
@@ -497,14 +505,26 @@ def mixed(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
                    orders=(FAMILIES, names), row_label=_family, col_label=names.get)
 
 
+def knn(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
+    """k-NN accuracy of every distilled student (columns: what it was distilled on) on every
+    distortion (rows): the specialists on the diagonal, the mixed student in its own column."""
+    sel = _scope(runs[runs["task"].eq("finetune") & runs["finetune.mode"].eq("knn")], opts)
+    if sel.empty:
+        return []
+    sel, what = with_value(sel, opts.metric)
+    return _tables("knn", "k-NN accuracy (%): student distilled on (columns) × evaluated on (rows)",
+                   sel, "distortion.name", "pretrain.distortion", "Evaluated on", what,
+                   orders=(PRESET_ORDER, STUDENT_ORDER))
+
+
 # ------------------------------------------------------------------------------ figures and CLI
 
 TABLES = {"table1": table1, "table2": table2, "table3": table3, "heldout": heldout,
           "diagnostics": diagnostics, "demo": demo, "representation": representation,
-          "mixed": mixed}
+          "mixed": mixed, "knn": knn}
 FIGURES = ("severity", "labels", "attention")
 LAYOUTS = {"paper": ("table1", "table2", "table3", "heldout", "diagnostics", *FIGURES),
-           "demo": ("demo", "representation", "mixed", *FIGURES)}
+           "demo": ("demo", "representation", "knn", "mixed", *FIGURES)}
 ALIASES = {"fig2": "severity", "fig3": "labels", "fig4": "attention"}
 
 

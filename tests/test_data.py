@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import datasets
+import huggingface_hub
 import numpy as np
 import PIL.Image
 import pytest
@@ -195,8 +196,10 @@ def test_imagenet100_class_list_and_image_folder_use_cmc_order(tmp_path):
     gray.write_bytes(encode(np.zeros((40, 50), np.uint8), "JPEG"))
     cmyk = root / "train" / wnids[1] / f"{wnids[1]}_0.JPEG"
     cmyk.write_bytes(encode(np.zeros((40, 50, 3), np.uint8), "JPEG", mode="CMYK"))
-    dm = ImageDataModule("imagenet100", path=str(root), image_size=32, num_workers=0,
-                         pin_memory=False, cache_dir=str(tmp_path / "cache"))
+    rgba = root / "train" / wnids[2] / "alpha.png"
+    rgba.write_bytes(encode(np.full((40, 50, 4), 128, np.uint8), "PNG"))
+    dm = ImageDataModule("imagenet100", path=str(root), image_size=32,
+                         cache_dir=str(tmp_path / "cache"), **KW)
     dm.setup("fit")
     assert dm.class_names == CMC and dm.num_classes == 100
     for batch in dm.train_dataloader():
@@ -228,7 +231,14 @@ def test_camelyon17_ood_split_is_hospital_1_only(copies, tmp_path):
         ImageDataModule("cifar10", val_ood=True)
 
 
-def test_offline_without_local_copy_fails_at_once_in_one_line(tmp_path):
+@pytest.mark.parametrize("how", ["env", "no network"])
+def test_offline_without_local_copy_fails_at_once_in_one_line(tmp_path, monkeypatch, how):
+    if how == "no network":  # flags unset (as if set after import) and the hub unreachable
+        for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+            monkeypatch.delenv(key)
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(data, "_hub_unreachable", lambda: True)
     dm = ImageDataModule("cifar10", cache_dir=str(tmp_path))
     start = time.perf_counter()
     with pytest.raises(UserError) as err:
@@ -254,7 +264,7 @@ def test_hub_loads_call_load_dataset_with_hub_id_and_split(copies, monkeypatch):
         return local[split]
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    dm = ImageDataModule("resisc45", image_size=32, num_workers=0, pin_memory=False)
+    dm = ImageDataModule("resisc45", image_size=32, **KW)
     dm.prepare_data()
     assert sorted(calls) == [("timm/resisc45", s) for s in ("test", "train", "validation")]
     calls.clear()
@@ -287,7 +297,7 @@ def test_corrupt_jpeg_is_skipped_and_counted(tmp_path, workers):
 
 def test_too_many_corrupt_images_is_a_user_error(tmp_path):
     dm = ImageDataModule("imagenet100", path=str(corrupt_tree(tmp_path)), image_size=32,
-                         num_workers=0, pin_memory=False, cache_dir=str(tmp_path / "cache"))
+                         cache_dir=str(tmp_path / "cache"), **KW)
     dm.setup("fit")
     with pytest.raises(UserError, match="1 of 6 images .* max_bad_fraction 0.001"):
         list(dm.train_dataloader())
@@ -315,7 +325,7 @@ def test_fashion_mnist_from_debian_files_matches_the_idx_labels():
 def test_fast_path_flip_only_uses_no_pil_and_no_resampling(monkeypatch):
     monkeypatch.setattr(PIL.Image, "open", lambda *a, **k: pytest.fail("PIL used on the fast path"))
     dm = ImageDataModule("fashion_mnist", image_size=28, in_chans=1, rrc_scale=[1.0, 1.0],
-                         num_workers=0, pin_memory=False, limit_train=512)
+                         limit_train=512, **KW)
     ds = dm.dataset("train")
     batch = ds.__getitems__(list(range(256)))
     raw = ds.images[batch["index"]].float() / 255

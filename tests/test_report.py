@@ -26,7 +26,7 @@ def write_run(root, name, metrics, **fields):
         "experiment": fields.get("experiment", "table1"),
         "method": fields.get("method", "ours"),
         "seed": fields.get("seed", 0),
-        "model": {"name": "vit_small_patch16_224"},
+        "model": {"name": fields.get("model", "vit_small_patch16_224")},
         "data": {"name": fields.get("data", "imagenet100"), "label_fraction": fields.get("fraction", 1.0)},
         "distortion": {"name": dist, "family": FAMILY[dist.split("_")[0]]},
     }
@@ -68,7 +68,8 @@ def grid(tmp_path):
                     value = acc(method, dist, seed)
                     metrics = {"test/acc1": value, "val/acc1": value - 0.05}
                     values.setdefault((dist, method), []).append(value)
-                write_run(root, name, metrics, method=method, distortion=dist, seed=seed)
+                ci = {"model": "clip_rn101", "loss": "contrastive"} if method == "ci" else {}
+                write_run(root, name, metrics, method=method, distortion=dist, seed=seed, **ci)
     return root, values
 
 
@@ -98,7 +99,7 @@ def test_load_runs_flattens_config_defaults_and_status(grid):
     assert runs["status"].value_counts().to_dict() == {"ok": 32, "failed": 1, "missing": 1}
     ours = runs[runs["method"].eq("ours")]
     assert ours["loss.name"].eq("multilevel").all()  # absent loss → multilevel for ours
-    assert runs["loss.name"][runs["method"].ne("ours")].isna().all()
+    assert runs["loss.name"][runs["method"].eq("supervised")].isna().all()
     assert runs["finetune.mode"].eq("full").all()
     assert {"test/acc1", "val/acc1", "path", "data.label_fraction"} <= set(runs.columns)
     failed = runs[runs["status"].eq("failed")].iloc[0]
@@ -120,6 +121,7 @@ def test_table1_cells_are_means_and_stds_of_metrics(grid, tmp_path, capsys):
     assert out.out == md  # printed as plain text when stdout is not a terminal
     header, cells = parse_table(section(md, "Table 1"))
     assert header == ["Distortion", "CI", "Supervised", "Ours"]
+    assert md.count("## Table 1") == 1  # CI's own backbone does not split the table
     assert list(cells) == list(PRESETS)
     names = {"CI": "ci", "Supervised": "supervised", "Ours": "ours"}
     for dist, row in cells.items():
@@ -261,7 +263,8 @@ def _heldout(tmp_path):
     for method, base in accs.items():
         for seed in (0, 1):
             rows = [{"distortion": c, "severity": s, "acc1": base - 0.1 * s - 0.01 * seed - 0.05 * i,
-                     "cos_cls": 0.5 + 0.1 * seed} for i, c in enumerate(("fog", "snow")) for s in (1, 2, 3)]
+                     "cos_cls": 0.5 + 0.1 * seed, "teacher_cos_cls": 0.2}
+                    for i, c in enumerate(("fog", "snow")) for s in (1, 2, 3)]
             _eval_run(tmp_path, f"h/{method}/{seed}", method, "heldout", rows, seed)
     return report.load_rows([tmp_path])
 
@@ -289,6 +292,7 @@ def test_heldout_and_diagnostics_tables(tmp_path, capsys):
     header, cells = parse_table(section(out.out, "Diagnostics"))
     assert header == ["Model / distortion", "cos_cls"]
     assert cells["Ours / fog"]["cos_cls"] == "0.550 ± 0.071"
+    assert cells["Teacher (distorted) / fog"]["cos_cls"] == "0.200 ± 0.000"
 
 
 def test_demo_layout_tables(tmp_path, capsys):
@@ -354,3 +358,12 @@ def test_experiment_flag_replaces_default_filters(tmp_path, capsys):
     _, out = run_report(capsys, tmp_path, "--out", tmp_path / "c", "--only", "table1",
                         "--experiment", "sweep", "--data", "stl10")
     assert "`table1`: skipped" in out.out
+
+
+def test_two_backbones_of_our_method_get_two_tables(tmp_path, capsys):
+    for model, value in (("vit_s", 0.6), ("vit_b", 0.7)):
+        write_run(tmp_path, model, {"test/acc1": value}, model=model)
+    _, out = run_report(capsys, tmp_path, "--out", tmp_path / "out", "--only", "table1")
+    _, cells = parse_table(section(out.out, "Table 1: in-domain accuracy (%) (vit_b)"))
+    assert cells == {"mask_strong": {"Ours": "70.0"}}
+    assert (tmp_path / "out" / "tables" / "table1_vit_s.tex").is_file()
