@@ -37,3 +37,62 @@ SEEDS ?= 1
 FAST ?= 0
 demo: install fashion-mnist
 	SEEDS=$(SEEDS) FAST=$(FAST) bash experiments/demo/run.sh
+
+# ---------------------------------------------------------------------------------------------
+# The paper's experiments. Each runs its sweep(s) through Hydra multirun, then distortkd-report.
+# ARGS= is passed to every command, e.g. ARGS="trainer=ddp trainer.devices=8" or
+# ARGS="data.path=/data/imagenet100 model.weights_file=/ckpt/dino_vitb16.safetensors".
+# Finished runs are skipped and killed ones resume, so re-running a target is cheap.
+RUNS ?= $(or $(DISTORTKD_RUNS),runs)
+RESULTS ?= results
+DISTILL := DISTORTKD_RUNS=$(RUNS) $(BIN)/distortkd-distill -m
+FINETUNE := DISTORTKD_RUNS=$(RUNS) $(BIN)/distortkd-finetune -m
+EVALUATE := DISTORTKD_RUNS=$(RUNS) $(BIN)/distortkd-evaluate -m
+REPORT := $(BIN)/distortkd-report
+CI_ARGS := model=clip_rn101 loss=contrastive method=ci
+
+.PHONY: distill-table1 finetune-table1
+distill-table1: install      # students for tables 1-2 and figures 2-4: ours and CI, 6 settings
+	$(DISTILL) experiment=table1 $(ARGS)
+	$(DISTILL) experiment=table1 $(CI_ARGS) $(ARGS)
+
+finetune-table1: distill-table1
+	$(FINETUNE) experiment=table1 method=ours,supervised $(ARGS)
+	$(FINETUNE) experiment=table1 $(CI_ARGS) $(ARGS)
+
+table1: finetune-table1      # Table 1: in-domain ImageNet-100
+	$(REPORT) $(RUNS)/table1 --only table1 --out $(RESULTS)/table1
+
+table2: distill-table1       # Table 2: transfer to CIFAR-10/100, STL-10, RESISC45, CAMELYON17
+	$(FINETUNE) experiment=table2 method=ours,supervised $(ARGS)
+	$(FINETUNE) experiment=table2 $(CI_ARGS) $(ARGS)
+	$(REPORT) $(RUNS)/table2 --only table2 --out $(RESULTS)/table2
+
+table3: install              # Table 3: loss ablation
+	$(DISTILL) experiment=table3 $(ARGS)
+	$(FINETUNE) experiment=table3 method=ours $(ARGS)
+	$(REPORT) $(RUNS)/table3 --only table3 --out $(RESULTS)/table3
+
+fig2: finetune-table1        # Figure 2: accuracy vs severity beyond training
+	$(EVALUATE) experiment=fig2 method=ours,supervised $(ARGS)
+	$(REPORT) $(RUNS)/table1 --only fig2 --out $(RESULTS)/fig2
+
+fig3: distill-table1         # Figure 3: label fractions 0.5 % ... 100 %
+	$(FINETUNE) experiment=fig3 method=ours,supervised $(ARGS)
+	$(REPORT) $(RUNS)/fig3 --only fig3 --out $(RESULTS)/fig3
+
+fig4: finetune-table1        # Figure 4: attention maps
+	$(EVALUATE) experiment=fig4 $(ARGS)
+	$(REPORT) $(RUNS)/fig4 --only fig4 --out $(RESULTS)/fig4
+
+heldout: finetune-table1     # beyond the paper: ImageNet-C style held-out corruptions, mCE
+	$(EVALUATE) experiment=fig2 suite=heldout method=ours,supervised $(ARGS)
+	$(REPORT) $(RUNS)/table1 --only heldout,diagnostics --out $(RESULTS)/heldout
+
+bench: install
+	$(BIN)/distortkd-bench taps
+	$(BIN)/distortkd-bench step --model vit_small_patch16_224 --batch 16
+	$(BIN)/distortkd-bench distort
+
+clean:
+	rm -rf $(VENV) runs results experiments/demo/runs

@@ -1,4 +1,4 @@
-"""One LightningDataModule over Hugging Face ``datasets``, configured per dataset by a ``DatasetSpec``.
+"""One LightningDataModule over Hugging Face ``datasets``, configured per dataset by a spec.
 
 Batches are clean: ``{"image": [B, C, S, S] float32 in [0, 1], "label": [B] int64, "index": [B]
 int64}``, ``index`` being the sample's row in its underlying split (stable across runs: it seeds
@@ -280,7 +280,7 @@ class BatchTransform:
 
 def collate(batch):
     """Batches come whole from ``__getitems__``; per-sample lists drop undecodable (None) ones."""
-    return batch if isinstance(batch, dict) else default_collate([s for s in batch if s is not None])
+    return batch if isinstance(batch, dict) else default_collate([s for s in batch if s])
 
 
 class TensorImages(Dataset):
@@ -295,8 +295,16 @@ class TensorImages(Dataset):
         return len(self.index)
 
     def __getitems__(self, positions: list[int]) -> dict[str, Tensor]:
-        idx = self.index[torch.as_tensor(positions, dtype=torch.int64)]
-        return {"image": self.transform(self.images[idx]), "label": self.labels[idx], "index": idx}
+        # Too little work per op to share out: on a busy 2-core machine OpenMP's hand-offs cost
+        # 10-50x the work itself. Workers run one thread already; in the main process, so does this.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            idx = self.index[torch.as_tensor(positions, dtype=torch.int64)]
+            image = self.transform(self.images[idx])
+            return {"image": image, "label": self.labels[idx], "index": idx}
+        finally:
+            torch.set_num_threads(threads)
 
     def __getitem__(self, position: int) -> dict[str, Tensor]:
         return {k: v[0] for k, v in self.__getitems__([position]).items()}
@@ -324,7 +332,8 @@ class HFImages(Dataset):
 
     def _decode(self, value: dict, position: int) -> PIL.Image.Image | None:
         try:  # convert() forces the full decode, so a truncated file fails here
-            with PIL.Image.open(io.BytesIO(value["bytes"]) if value["bytes"] else value["path"]) as im:
+            source = io.BytesIO(value["bytes"]) if value["bytes"] else value["path"]
+            with PIL.Image.open(source) as im:
                 return im.convert(self.mode)
         except _DECODE_ERRORS as err:
             self.bad[position] = True
@@ -332,8 +341,9 @@ class HFImages(Dataset):
             log.warning("skipping undecodable image %s (row %d of %s): %s",
                         path, self.index[position], self.where, err)
             if n_bad > self.max_bad * len(self):
-                raise UserError(f"{n_bad} of {len(self)} images of {self.where} are undecodable, "
-                                f"more than max_bad_fraction {self.max_bad}; last: {path}") from None
+                raise UserError(
+                    f"{n_bad} of {len(self)} images of {self.where} are undecodable, more than "
+                    f"max_bad_fraction {self.max_bad}; last: {path}") from None
             return None
 
     def __getitems__(self, positions: list[int]) -> dict[str, Tensor]:
@@ -378,6 +388,8 @@ def _check_options(h, rrc_scale: tuple, subset: tuple | None, spec: DatasetSpec)
         (subset is None or (len(subset) == 2 and 0 <= subset[0] < subset[1]),
          f"train_subset {subset}; accepted: [start, stop] with 0 <= start < stop, or null"),
         (0 <= h.max_bad_fraction < 1, f"max_bad_fraction {h.max_bad_fraction}; accepted: [0, 1)"),
+        (all(k is None or k >= 1 for k in (h.limit_train, h.limit_eval)),
+         f"limit_train {h.limit_train} / limit_eval {h.limit_eval}; accepted: >= 1, or null"),
         (not h.val_ood or spec.ood, f"val_ood for {h.name}; accepted for: "
          + ", ".join(k for k, s in DATASETS.items() if s.ood)),
     ]:
@@ -414,7 +426,8 @@ class ImageDataModule(L.LightningDataModule):
                  train_subset: Sequence[int] | None = None, limit_train: int | None = None,
                  limit_eval: int | None = None, augment: bool = True,
                  rrc_scale: Sequence[float] = (0.08, 1.0), max_bad_fraction: float = 0.001,
-                 in_memory: bool | None = None, val_ood: bool = False, cache_dir: str | None = None):
+                 in_memory: bool | None = None, val_ood: bool = False,
+                 cache_dir: str | None = None):
         super().__init__()
         if name not in DATASETS:
             raise unknown("dataset", name, DATASETS)
@@ -464,7 +477,7 @@ class ImageDataModule(L.LightningDataModule):
         return table.cast_column(self.spec.image_key, datasets.Image(decode=False))
 
     def _labels(self, table: datasets.Dataset, split: str) -> np.ndarray:
-        """Labels ``[N]`` in the spec's class order (class folders mapped through ``class_list``)."""
+        """Labels ``[N]`` in the spec's class order (class folders mapped by ``class_list``)."""
         feature, labels = table.features[self.spec.label_key], _column(table, self.spec.label_key)
         names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
         file = self.spec.class_list
@@ -498,8 +511,9 @@ class ImageDataModule(L.LightningDataModule):
             if self.spec.ood and split == self.spec.splits["ood"]:
                 raw["ood"] = _column(table, self.spec.ood[0]) == self.spec.ood[1]
             if self.in_memory:
+                where = f"{self.name} {split}"
                 rows = HFImages(table, self.spec.image_key, raw["labels"], np.arange(len(table)),
-                                None, self._mode, self.hparams.max_bad_fraction, f"{self.name} {split}")
+                                None, self._mode, self.hparams.max_bad_fraction, where)
                 raw["images"], raw["bad"] = rows.decode_all(), rows.bad.numpy()
         self._raw[split] = raw
         return raw

@@ -18,8 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from distortkd.diagnostics import RepresentationMeter
 from distortkd.distortions import Distortion, sample_seeds
 from distortkd.errors import UserError
+from distortkd.losses import attention_kl
 from distortkd.steps import distill_loss, supervised_loss
 from distortkd.vit import Encoder, FrozenTeacher
 
@@ -117,7 +119,9 @@ class DistillModule(_Base):
         self.distortion, self.loss_fn = distortion, loss_fn
         self.with_attn, self.contrastive = with_attn and student.is_vit, contrastive
         self.step_fn = torch.compile(distill_loss) if compile else distill_loss
-        self._baseline_cos: list[Tensor] = []
+        # Representation diagnostics (cos CLS/patch, linear CKA, attention KL and top-k IoU) of the
+        # student and of the untouched teacher on distorted vs the teacher on clean, per epoch.
+        self.meters = {"student": RepresentationMeter(), "teacher": RepresentationMeter()}
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         out = self.step_fn(self.student, self.teacher, self.distortion, self.loss_fn, batch["image"],
@@ -130,23 +134,27 @@ class DistillModule(_Base):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         images, seeds = batch["image"], self.seeds(batch)
         distorted = self.distortion(images, seeds)
-        t = self.teacher.features(images, with_attn=self.student.is_vit)
-        s = self.student.features(distorted, with_attn=self.student.is_vit)
-        if self.contrastive:
-            out = self.loss_fn(s.cls, t.cls)
-        else:
-            out = self.loss_fn(s, t)
-        metrics = {f"val/{k}": v for k, v in out.items() if k != "loss"}
-        metrics["val/cos_clean"] = F.cosine_similarity(s.cls.float(), t.cls.float(), dim=-1).mean()
-        if self.student.is_vit:
-            from distortkd.losses import attention_kl
-
-            metrics["val/attn_kl"] = attention_kl(s.attn, t.attn, 1.0)
+        vit = self.student.is_vit
+        t = self.teacher.features(images, with_attn=vit)
+        s = self.student.features(distorted, with_attn=vit)
         # The untouched teacher on distorted input: where the student started from.
-        baseline = self.teacher(distorted)
-        metrics["val/cos_clean_baseline"] = F.cosine_similarity(baseline.float(), t.cls.float(), dim=-1).mean()
+        base = self.teacher.features(distorted, with_attn=vit)
+        out = self.loss_fn(s.cls, t.cls) if self.contrastive else self.loss_fn(s, t)
+        metrics = {f"val/{k}": v for k, v in out.items() if k != "loss"}
+        cos = lambda a, b: F.cosine_similarity(a.float(), b.float(), dim=-1).mean()  # noqa: E731
+        metrics["val/cos_clean"], metrics["val/cos_clean_baseline"] = cos(s.cls, t.cls), cos(base.cls, t.cls)
+        if vit:
+            metrics["val/attn_kl"] = attention_kl(s.attn, t.attn, 1.0)
+        self.meters["student"].update(s, t)
+        self.meters["teacher"].update(base, t)
         self.log_dict(metrics, prog_bar=False, sync_dist=True)
         self.log("val/loss", out["loss"], prog_bar=True, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        for who, meter in self.meters.items():
+            values = meter.compute()
+            self.log_dict({f"val/diag/{who}/{k}": float(v) for k, v in values.items()})
+            meter.reset()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The teacher is the pretrained checkpoint, unchanged: never duplicated into student files.

@@ -127,11 +127,13 @@ def test_every_config_loads_a_local_copy(name, copies, tmp_path):
         assert isinstance(dm.dataset("train"), data.TensorImages)  # held in memory by default
 
 
-def test_labels_and_index_point_at_the_same_row(copies, tmp_path):
-    dm = from_config("stl10", tmp_path, path=str(copies["stl10"]), augment=False, image_size=96)
-    dm.setup("fit")
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_labels_and_index_point_at_the_same_row(copies, tmp_path, in_memory):
+    dm = from_config("stl10", tmp_path, path=str(copies["stl10"]), augment=False, image_size=96,
+                     in_memory=in_memory)
     raw = datasets.load_dataset(str(copies["stl10"]), cache_dir=str(tmp_path / "c2"))["train"]
     batch = next(iter(dm.train_dataloader()))
+    assert isinstance(dm.dataset("train"), data.TensorImages if in_memory else data.HFImages)
     for image, label, i in zip(batch["image"], batch["label"], batch["index"], strict=True):
         assert label == raw[int(i)]["label"]
         expected = torch.from_numpy(np.array(raw[int(i)]["image"])).permute(2, 0, 1) / 255
@@ -350,3 +352,17 @@ def test_batched_resized_crop_matches_pil_bilinear():
         assert (ours - torch.tensor(np.array(pil)).float()).abs().max() <= 1.0  # PIL rounds
     square = x[..., :28]
     assert torch.allclose(resized_crop(square, torch.tensor([[0.0, 0, 28, 28]]), 28), square)
+
+
+def test_batch_transform_boxes_and_eval_center_crop():
+    boxes = data.rrc_boxes(2000, 28, 36, (0.25, 1.0))
+    x0, y0, w, h = boxes.T
+    assert (x0 >= 0).all() and (y0 >= 0).all() and (x0 + w <= 36).all() and (y0 + h <= 28).all()
+    area = w * h / (28 * 36)
+    assert area.min() > 0.2 and area.max() <= 1 and area.std() > 0.1  # scale range, px-rounded
+    image = torch.zeros(1, 1, 8, 8, dtype=torch.uint8)
+    image[..., 2:6, 2:6] = 255  # a bright centre half: what crop_pct 0.5 keeps
+    crop = data.BatchTransform(4, 0.5, small=False, train=False, rrc_scale=(0.08, 1.0), in_chans=3)
+    assert torch.equal(crop(image), torch.ones(1, 3, 4, 4))
+    whole = data.BatchTransform(4, 0.5, small=True, train=False, rrc_scale=(0.08, 1.0), in_chans=1)
+    assert whole(image).min() < 0.5  # small datasets keep the border

@@ -1,0 +1,374 @@
+"""Export a distilled (or fine-tuned) encoder as a timm model folder, and load it back.
+
+``distortkd-export <ckpt|run folder> <dir>`` writes
+
+- ``model.safetensors``: the timm backbone's state dict (``num_classes=0``: no head);
+- ``config.json``: timm's own hub layout (``architecture``, ``num_classes``, ``num_features``,
+  ``model_args``, ``pretrained_cfg``), the preprocessing fields repeated flat at the top, and a
+  ``distortkd`` block (distortion, data, loss, source checkpoint, metrics);
+- ``README.md``: a Hugging Face model card.
+
+So the folder loads with plain timm, either through
+``timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=..., mean=..., ...),
+**model_args)`` or ``timm.create_model("local-dir:<dir>", pretrained=True)``. The overlay must carry
+``mean``/``std``/``input_size``: timm otherwise keeps the registry cfg's (ImageNet, 224 px).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from distortkd.errors import UserError
+from distortkd.vit import Encoder
+
+WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
+# pretrained_cfg fields passed as the overlay: preprocessing, and the two that make timm load our
+# file strictly as a native state dict (no head to drop, no .npz custom loader).
+OVERLAY_KEYS = ("mean", "std", "input_size", "crop_pct", "interpolation", "num_classes", "custom_load")
+# Shown first in the card, with what they measure; other non-train metrics follow.
+KEY_METRICS = {
+    "val/cos_clean": "cosine(student on distorted, teacher on clean), CLS, validation split",
+    "val/cos_clean_baseline": "the same for the starting model (the teacher on distorted images)",
+    "val/attn_kl": "KL between student and teacher CLS attention, last block",
+    "best/val/loss": "lowest validation distillation loss",
+    "val/acc1": "top-1 accuracy on distorted validation images",
+    "test/acc1": "top-1 accuracy on distorted test images",
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    """A checkpoint and the run folder that made it.
+
+    Attributes:
+        ckpt: the Lightning ``.ckpt`` file.
+        run_dir: the folder holding ``config.yaml`` (and ``metrics.json``).
+        cfg: the run's resolved config.
+        metrics: ``metrics.json`` (empty when absent).
+    """
+
+    ckpt: Path
+    run_dir: Path
+    cfg: DictConfig
+    metrics: dict
+
+
+def resolve_checkpoint(source: str | Path) -> Path:
+    """The checkpoint ``source`` names: a ``.ckpt`` file, or a run folder's best (else last) one."""
+    path = Path(source)
+    if path.is_dir():
+        for name in ("best.ckpt", "last.ckpt"):
+            if (path / "checkpoints" / name).is_file():
+                return path / "checkpoints" / name
+        raise UserError(f"run folder {str(path)!r} has no checkpoints/best.ckpt or checkpoints/last.ckpt")
+    if not path.is_file():
+        raise UserError(f"checkpoint {str(path)!r} does not exist")
+    return path
+
+
+def open_run(source: str | Path) -> Run:
+    """Finds the checkpoint and its run's ``config.yaml`` (beside ``checkpoints/`` or the file)."""
+    ckpt = resolve_checkpoint(source)
+    places = [ckpt.parent.parent, ckpt.parent]
+    run_dir = next((d for d in places if (d / "config.yaml").is_file()), None)
+    if run_dir is None:
+        raise UserError(f"no config.yaml for checkpoint {str(ckpt)!r}; looked in "
+                        + " and ".join(repr(str(d)) for d in places))
+    metrics_file = run_dir / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    return Run(ckpt, run_dir, OmegaConf.load(run_dir / "config.yaml"), metrics)
+
+
+def rebuild_encoder(run: Run) -> Encoder:
+    """The run's architecture with the checkpoint's weights and normalisation, in eval mode."""
+    from distortkd.cli import build_model  # Hydra + Lightning: only needed for checkpoints
+    from distortkd.modules import load_encoder_weights
+
+    encoder = build_model(run.cfg.model, pretrained=False)
+    meta = load_encoder_weights(encoder, run.ckpt)
+    if meta.get("mean") and meta.get("std"):  # what the run normalised with, as recorded
+        encoder = Encoder(encoder.backbone, tuple(meta["mean"]), tuple(meta["std"]))
+    return encoder.eval()
+
+
+def data_config(cfg: DictConfig, encoder: Encoder) -> dict:
+    """The run's eval preprocessing in timm ``pretrained_cfg`` terms.
+
+    ``input_size`` is ``[C, H, W]`` in pixels; ``mean``/``std`` in ``[0, 1]`` pixel units.
+    """
+    from distortkd.data import DATASETS
+
+    if encoder.is_vit:
+        size = tuple(encoder.backbone.patch_embed.img_size)
+    else:
+        size = (int(cfg.model.img_size),) * 2
+    spec = DATASETS.get(cfg.data.get("name"))
+    # data.py resizes small datasets whole (no crop border) and resamples bilinearly (v2.Resize).
+    crop = 1.0 if spec is not None and spec.small else cfg.data.get("crop_pct", cfg.model.get("crop_pct", 1.0))
+    return {"input_size": [encoder.mean.numel(), *size], "mean": _short(encoder.mean),
+            "std": _short(encoder.std), "crop_pct": float(crop), "interpolation": "bilinear",
+            "crop_mode": "center"}
+
+
+def _short(values: torch.Tensor) -> list[float]:
+    """float32 values as the shortest decimals that round-trip (0.286, not 0.28600001335144043)."""
+    return [float(str(v)) for v in values.flatten().float().numpy()]
+
+
+def _plain(node) -> object:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def timm_config(run: Run, encoder: Encoder) -> dict:
+    """``config.json``: timm's hub layout, flat preprocessing fields and the ``distortkd`` block."""
+    backbone, cfg = encoder.backbone, run.cfg
+    data = data_config(cfg, encoder)
+    arch, _, tag = str(cfg.model.name).partition(".")
+    model_args = {**(_plain(cfg.model.get("timm_kwargs")) or {}), "in_chans": data["input_size"][0],
+                  "num_classes": backbone.num_classes}
+    if encoder.is_vit:
+        model_args.setdefault("img_size", data["input_size"][1])
+    base = backbone.pretrained_cfg
+    pretrained_cfg = {**data, "num_classes": backbone.num_classes, "custom_load": False,
+                      **{k: base[k] for k in ("fixed_input_size", "first_conv", "classifier") if k in base}}
+    start = cfg.model.get("weights_file") or ("timm hub" if cfg.model.get("pretrained") else "random init")
+    info = {"task": cfg.get("task"), "method": cfg.get("method"), "model": str(cfg.model.name),
+            "start_weights": str(start),
+            "upstream_tag": tag or None, "distortion": _plain(cfg.get("distortion")),
+            "data": cfg.data.get("name"), "loss": _plain(cfg.get("loss")),
+            "source_checkpoint": str(run.ckpt.resolve()), "run_dir": str(run.run_dir.resolve()),
+            "metrics": {k: v for k, v in run.metrics.items() if isinstance(v, (int, float))}}
+    if cfg.get("task") == "finetune":
+        info["finetune"] = {"mode": cfg.finetune.mode, "label_fraction": cfg.data.get("label_fraction"),
+                            "init": cfg.get("init")}
+    return {"architecture": arch, "num_classes": backbone.num_classes,
+            "num_features": backbone.num_features, **data, "model_args": model_args,
+            "pretrained_cfg": pretrained_cfg, "distortkd": info}
+
+
+def timm_overlay(config: dict, weights: str | Path) -> dict:
+    """``pretrained_cfg_overlay`` that makes ``timm.create_model`` load ``weights`` as exported."""
+    cfg = config["pretrained_cfg"]
+    overlay = {k: tuple(cfg[k]) if isinstance(cfg[k], list) else cfg[k] for k in OVERLAY_KEYS if k in cfg}
+    return {"file": str(weights), **overlay}
+
+
+def load_exported(folder: str | Path) -> Encoder:
+    """An exported folder as an ``Encoder`` (eval mode) that takes ``[0, 1]`` images.
+
+    Raises:
+        UserError: the folder lacks ``config.json`` or ``model.safetensors``.
+    """
+    folder = Path(folder)
+    for name in (CONFIG, WEIGHTS):
+        if not (folder / name).is_file():
+            raise UserError(f"{str(folder / name)!r} does not exist; export a checkpoint with distortkd-export")
+    config = json.loads((folder / CONFIG).read_text())
+    model = timm.create_model(config["architecture"], pretrained=True,
+                              pretrained_cfg_overlay=timm_overlay(config, folder / WEIGHTS),
+                              **config["model_args"])
+    return Encoder(model, tuple(model.pretrained_cfg["mean"]), tuple(model.pretrained_cfg["std"])).eval()
+
+
+def load_encoder(source: str | Path) -> tuple[Encoder, dict]:
+    """``(encoder, preprocessing)`` from an exported folder, a checkpoint or a run folder.
+
+    ``preprocessing`` holds ``input_size`` ``[C, H, W]``, ``crop_pct`` and ``interpolation``.
+    """
+    path = Path(source)
+    if (path / CONFIG).is_file():
+        return load_exported(path), json.loads((path / CONFIG).read_text())["pretrained_cfg"]
+    if path.is_dir() and not (path / "checkpoints").is_dir():
+        raise UserError(f"{str(path)!r} is neither an exported folder (no {CONFIG}) nor a run folder "
+                        "(no checkpoints/)")
+    run = open_run(source)
+    encoder = rebuild_encoder(run)
+    return encoder, data_config(run.cfg, encoder)
+
+
+@torch.no_grad()
+def _check_roundtrip(folder: Path, encoder: Encoder, input_size: list[int]) -> None:
+    """Reloads the export through timm and compares embeddings of a random batch with the source."""
+    x = torch.rand(2, *input_size, generator=torch.Generator().manual_seed(0))
+    diff = (load_exported(folder)(x) - encoder(x)).abs().max().item()
+    if diff > 1e-4:
+        raise RuntimeError(f"exported model differs from the checkpoint by {diff:.3g} (max |Δ|)")
+
+
+def export(source: str | Path, folder: str | Path) -> Path:
+    """Writes ``model.safetensors``, ``config.json`` and ``README.md`` for ``source`` into ``folder``.
+
+    Args:
+        source: a distill/finetune ``.ckpt`` or a run folder (its best, else last, checkpoint).
+        folder: output folder, created if needed; existing export files are overwritten.
+
+    Returns:
+        ``folder``.
+    """
+    from safetensors.torch import save_file
+
+    run = open_run(source)
+    encoder = rebuild_encoder(run)
+    config = timm_config(run, encoder)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in encoder.backbone.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS), metadata={"format": "pt"})
+    (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    _check_roundtrip(folder, encoder, config["input_size"])
+    params = sum(v.numel() for v in state.values())
+    (folder / CARD).write_text(model_card(config, folder, params, run))
+    return folder
+
+
+LOSS_TEXT = {
+    "multilevel": "α·MSE(CLS) + β·MSE(patch tokens) + γ·KL(CLS→patch attention at temperature τ), "
+                  "student on distorted vs frozen teacher on clean images",
+    "contrastive": "Contrastive Inversion: InfoNCE from the student's embedding of the distorted image "
+                   "to the frozen teacher's embedding of the clean one, temperature τ",
+}
+
+
+def _params(node: dict | None) -> str:
+    return ", ".join(f"`{k}` = {v}" for k, v in (node or {}).items()) or "none"
+
+
+def _what(config: dict, params: int) -> str:
+    """The card's first paragraph: which model, made how."""
+    info, (c, h, w) = config["distortkd"], config["input_size"]
+    dist = (info["distortion"] or {}).get("name")
+    made = {
+        "distill": f"distilled to be robust to **{dist}**: a frozen copy of the starting model "
+                   "(the teacher) sees clean images, this student the same crops distorted, and the "
+                   "student learns to reproduce the teacher's features",
+        "finetune": f"fine-tuned with labels on **{dist}**-distorted images "
+                    f"({(info.get('finetune') or {}).get('mode')} mode; classification head not exported)",
+    }.get(info["task"], f"from a `{info['task']}` run")
+    return (f"A `{config['architecture']}` image encoder (timm, {params / 1e6:.2f} M parameters, "
+            f"{config['num_features']}-d embedding, input {c}×{h}×{w}), {made}. Method: "
+            f"`{info.get('method')}`; starting model: `{info['model']}` ({info['start_weights']}).")
+
+
+def _usage(config: dict, folder: Path) -> str:
+    """The exact timm calls that rebuild the model, as a Python code block."""
+    folder = folder.resolve()
+    overlay = timm_overlay(config, folder / WEIGHTS)
+    lines = ",\n        ".join(f"{k}={v!r}" for k, v in overlay.items())
+    args = "".join(f"    {k}={v!r},\n" for k, v in config["model_args"].items())
+    return (
+        "```python\nimport timm\nimport torch\n\n"
+        f"model = timm.create_model(\n    {config['architecture']!r},\n    pretrained=True,\n"
+        f"    pretrained_cfg_overlay=dict(\n        {lines},\n    ),\n{args}).eval()\n"
+        f"# or, where timm supports local folders: timm.create_model('local-dir:{folder}', pretrained=True)\n"
+        "data_cfg = timm.data.resolve_model_data_config(model)  # mean/std/input size above\n"
+        "x = torch.rand(1, *data_cfg['input_size'])  # an image in [0, 1], then normalised:\n"
+        "mean, std = (torch.tensor(data_cfg[k]).view(-1, 1, 1) for k in ('mean', 'std'))\n"
+        "embedding = model((x - mean) / std)  # [1, num_features]: the CLS token\n```\n"
+    )
+
+
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _results(metrics: dict, finetunes: list[dict]) -> str:
+    """Metrics of the run (``metrics.json``) and of fine-tunes started from this student."""
+    numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not k.startswith("train/")}
+    if not numeric:
+        return "No `metrics.json` was found for this run.\n"
+    rows = [f"| `{k}` | {_fmt(numeric[k])} | {KEY_METRICS[k]} |" for k in KEY_METRICS if k in numeric]
+    rows += [f"| `{k}` | {_fmt(v)} | |" for k, v in sorted(numeric.items()) if k not in KEY_METRICS]
+    text = "From the run's `metrics.json` (last epoch unless prefixed `best/`):\n\n"
+    text += "| metric | value | what it measures |\n|---|---|---|\n" + "\n".join(rows) + "\n"
+    if finetunes:
+        text += ("\nFine-tuned from this student (top-1 on distorted test images):\n\n"
+                 "| run | distortion | mode | label fraction | test/acc1 |\n|---|---|---|---|---|\n")
+        text += "".join(f"| `{f['run']}` | {f['distortion']} | {f['mode']} | {f['label_fraction']} | "
+                        f"{_fmt(f['test/acc1'])} |\n" for f in finetunes)
+    return text
+
+
+def _init_run(cfg: DictConfig) -> Path | None:
+    """The distill run folder a fine-tune config starts from (None: pretrained weights)."""
+    init = cfg.get("init")
+    if init in (None, "pretrained"):
+        return None
+    return Path(cfg.pretrain.run_dir) if init == "auto" else Path(str(init)).parent.parent
+
+
+def finetunes_of(run: Run) -> list[dict]:
+    """Finished fine-tune runs (``<experiment>/finetune/*``) that started from this distill run."""
+    if run.cfg.get("task") != "distill" or not (run.run_dir.parent.parent / "finetune").is_dir():
+        return []
+    rows, here = [], run.run_dir.resolve()
+    for cfg_file in sorted((run.run_dir.parent.parent / "finetune").glob("*/config.yaml")):
+        cfg, metrics_file = OmegaConf.load(cfg_file), cfg_file.parent / "metrics.json"
+        start = _init_run(cfg)
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+        if start is None or start.resolve() != here or "test/acc1" not in metrics:
+            continue
+        rows.append({"run": cfg_file.parent.name, "distortion": cfg.distortion.name,
+                     "mode": cfg.finetune.mode, "label_fraction": cfg.data.get("label_fraction"),
+                     "test/acc1": metrics["test/acc1"]})
+    return rows
+
+
+def model_card(config: dict, folder: Path, params: int, run: Run) -> str:
+    """A Hugging Face model card (``README.md``) for an exported folder."""
+    info = config["distortkd"]
+    dist, loss = info["distortion"] or {}, info["loss"] or {}
+    tags = ["timm", "image-feature-extraction", "knowledge-distillation", "robustness",
+            f"distortion-{dist.get('family')}", str(info["data"])]
+    front = ("---\nlibrary_name: timm\npipeline_tag: image-feature-extraction\ntags:\n"
+             + "".join(f"- {t}\n" for t in tags) + "---\n\n")
+    (c, h, w), crop = config["input_size"], config["crop_pct"]
+    return (
+        f"{front}# {run.run_dir.name}\n\n{_what(config, params)}\n\n"
+        f"## Distortion\n\n`{dist.get('name')}`: family `{dist.get('family')}`, parameters "
+        f"{_params(dist.get('params'))}, applied to images in [0, 1].\n\n"
+        f"## Data\n\n`{info['data']}`, images at {h}×{w} px, {c} channel(s). Preprocessing: resize the "
+        f"shorter side to {math.floor(h / crop)} px ({config['interpolation']}), center-crop {h}×{w}, scale to "
+        f"[0, 1], normalise with mean {config['mean']} and std {config['std']}.\n\n"
+        f"## Loss\n\n`{loss.get('name')}` ({LOSS_TEXT.get(loss.get('fn'), loss.get('fn'))}); "
+        f"parameters {_params(loss.get('params'))}.\n\n"
+        f"## How to load\n\n{_usage(config, folder)}\n"
+        f"## Results\n\n{_results(run.metrics, finetunes_of(run))}\n"
+        f"## Source\n\nCheckpoint `{info['source_checkpoint']}`; run config `{info['run_dir']}/config.yaml`. "
+        "Exported with `distortkd-export`.\n"
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="distortkd-export",
+        description="Export a distill/finetune checkpoint as a timm model folder "
+                    "(model.safetensors, config.json, README.md).")
+    p.add_argument("checkpoint", help="a .ckpt file, or a run folder (checkpoints/best.ckpt, else last.ckpt)")
+    p.add_argument("out", help="output folder")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``distortkd-export``; returns the exit status (2 for a user error)."""
+    opts = _parser().parse_args(argv)
+    try:
+        folder = export(opts.checkpoint, opts.out)
+    except UserError as err:
+        print(f"distortkd-export: error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {folder / WEIGHTS}, {folder / CONFIG}, {folder / CARD}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
