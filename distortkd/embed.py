@@ -145,7 +145,7 @@ def embed_files(encoder: Encoder, files: list[Path], preprocess: dict, batch_siz
                 cls.append(feats.cls.float().cpu())
                 if patches:
                     tokens.append(feats.patches.float().cpu())
-                rows += batch["index"][::-1]
+                rows += batch["index"]
             advance(len(batch["index"]) + len(batch["bad"]))
     if not rows:
         raise UserError(f"none of the {len(files)} images could be decoded; first: "

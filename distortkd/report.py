@@ -505,6 +505,17 @@ def mixed(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
                    orders=(FAMILIES, names), row_label=_family, col_label=names.get)
 
 
+def robustness(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
+    """Fig. 2 as a table: accuracy per (family, severity) × method, from evaluate rows."""
+    sel = _scope(rows[rows["suite"].eq("paper")], opts)
+    if sel.empty:
+        return []
+    return _tables("robustness", "Accuracy (%) vs severity (training severity first)", sel,
+                   ["distortion", "severity"], "method", "Distortion / severity",
+                   "`acc1` of evaluate rows in %", "acc1", orders=(None, ["ci", "supervised", "ours"]),
+                   col_label=_method, row_label=lambda k: f"{k[0]} / {k[1]:g}")
+
+
 def knn(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
     """k-NN accuracy of every distilled student (columns: what it was distilled on) on every
     distortion (rows): the specialists on the diagonal, the mixed student in its own column."""
@@ -521,10 +532,10 @@ def knn(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
 
 TABLES = {"table1": table1, "table2": table2, "table3": table3, "heldout": heldout,
           "diagnostics": diagnostics, "demo": demo, "representation": representation,
-          "mixed": mixed, "knn": knn}
+          "mixed": mixed, "knn": knn, "robustness": robustness}
 FIGURES = ("severity", "labels", "attention")
 LAYOUTS = {"paper": ("table1", "table2", "table3", "heldout", "diagnostics", *FIGURES),
-           "demo": ("demo", "representation", "knn", "mixed", *FIGURES)}
+           "demo": ("demo", "representation", "robustness", "diagnostics", "knn", "mixed", *FIGURES)}
 ALIASES = {"fig2": "severity", "fig3": "labels", "fig4": "attention"}
 
 

@@ -13,11 +13,14 @@ export DISTORTKD_RUNS=${DISTORTKD_RUNS:-experiments/demo/runs}
 OUT=${DEMO_OUT:-experiments/demo}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-fast=() teacher=() finetune=() evaluate=()
-if [ "$FAST" = 1 ]; then
+fast=() teacher=() distill=() finetune=() evaluate=() knn=()
+if [ "$FAST" = 1 ]; then  # a smoke run of every stage on a few cells (what the slow test runs)
   fast=(data.limit_train=1000 data.limit_eval=500 trainer.max_epochs=1 trainer.limit_val_batches=1)
   teacher=(trainer.max_steps=20)
-  finetune=(data.label_fraction=0.1,0.5 trainer.max_steps=5)
+  distill=(distortion=noise_strong,mixed_demo)
+  finetune=(distortion=noise_strong data.label_fraction=0.5 trainer.max_steps=5)
+  evaluate=(distortion=noise_strong data.label_fraction=0.5)
+  knn=(distortion=noise_strong pretrain.distortion=noise_strong,mixed_demo)
 fi
 
 start=$(date +%s)
@@ -25,13 +28,13 @@ step() { echo; echo "== $1 ($(( $(date +%s) - start ))s elapsed)"; }
 step "1/5 teacher: tiny ViT on clean images of train[0:20000] (labels used here only)"
 $BIN/distortkd-finetune experiment=demo_teacher "${fast[@]}" "${teacher[@]}"
 step "2/5 distillation: one student per distortion + a mixed student, train[20000:60000], no labels"
-$BIN/distortkd-distill -m experiment=demo_distill seed="$seeds" "${fast[@]}"
+$BIN/distortkd-distill -m experiment=demo_distill seed="$seeds" "${fast[@]}" "${distill[@]}"
 step "3/5 fine-tuning on distorted images, 1 % and 10 % labels: supervised baseline vs distilled"
 $BIN/distortkd-finetune -m experiment=demo_finetune seed="$seeds" "${fast[@]}" "${finetune[@]}"
 step "4/5 evaluation on the 10k test images, training severity and beyond"
-$BIN/distortkd-evaluate -m experiment=demo_evaluate seed="$seeds" "${fast[@]}"
+$BIN/distortkd-evaluate -m experiment=demo_evaluate seed="$seeds" "${fast[@]}" "${evaluate[@]}"
 step "5/5 k-NN: every student (per-distortion and mixed) on every distortion family"
-$BIN/distortkd-finetune -m experiment=demo_knn seed="$seeds" "${fast[@]}"
+$BIN/distortkd-finetune -m experiment=demo_knn seed="$seeds" "${fast[@]}" "${knn[@]}"
 step "report"
 $BIN/distortkd-report "$DISTORTKD_RUNS/demo" --layout demo --out "$OUT"
 echo "demo finished in $(( $(date +%s) - start ))s; report: $OUT/results.md"
