@@ -6,6 +6,7 @@ Each reads top to bottom: build data, model, callbacks, loggers, trainer; fit; t
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import traceback
@@ -23,8 +24,13 @@ from omegaconf import DictConfig, OmegaConf
 from distortkd import distortions
 from distortkd.errors import UserError, unknown
 from distortkd.losses import LOSSES
-from distortkd.modules import DistillModule, FinetuneModule, load_encoder_weights
-from distortkd.training import make_trainer, write_json
+from distortkd.modules import (
+    DistillModule,
+    FinetuneModule,
+    NonFiniteLossError,
+    load_encoder_weights,
+)
+from distortkd.training import make_trainer, resumable, write_json, write_text
 from distortkd.vit import build_encoder
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
@@ -90,7 +96,7 @@ def resolve_init(cfg: DictConfig) -> str | None:
 
 
 def run_distill(cfg: DictConfig, run_dir: Path) -> dict:
-    datamodule = instantiate(cfg.data)
+    datamodule = resumable(instantiate(cfg.data))
     student, teacher = build_model(cfg.model), build_model(cfg.model)
     teacher.load_state_dict(student.state_dict())  # identical start even for random-init models
     loss_fn, contrastive, with_attn = build_loss(cfg.loss)
@@ -105,7 +111,7 @@ def run_distill(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 def run_finetune(cfg: DictConfig, run_dir: Path) -> dict:
-    datamodule = instantiate(cfg.data)
+    datamodule = resumable(instantiate(cfg.data))
     datamodule.prepare_data()
     datamodule.setup("fit")
     encoder = build_model(cfg.model, pretrained=None if resolve_init(cfg) is None else False)
@@ -135,11 +141,15 @@ def run_evaluate(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if cfg.get("resume", True) and last.is_file():
-        print(f"resuming from {last}", file=sys.stderr)
-        return str(last)
-    return None
+    """The newest of ``checkpoints/last.ckpt`` and the ``hpc_ckpt_N.ckpt`` that Lightning saves when
+    Slurm signals a requeue (``hydra/launcher=slurm``); None with ``resume=false``."""
+    found = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
+             if p.is_file()]
+    if not cfg.get("resume", True) or not found:
+        return None
+    path = max(found, key=lambda p: p.stat().st_mtime)
+    print(f"resuming from {path}", file=sys.stderr)
+    return str(path)
 
 
 def _metrics(trainer: L.Trainer) -> dict:
@@ -151,26 +161,36 @@ def _metrics(trainer: L.Trainer) -> dict:
 
 
 def _main(cfg: DictConfig, run) -> float:
-    """Runs one job; in a multirun a failing job is recorded and the sweep goes on."""
+    """Runs one job; in a multirun a failing job is recorded and the sweep goes on.
+
+    Re-running a finished run (metrics.json status ok) returns its stored metrics without training
+    again, unless ``resume=false``; an unfinished one resumes from its last checkpoint.
+    """
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    if bad := _empty_override(HydraConfig.get().overrides.task):  # the whole command is wrong
+        print(f"error: {bad}", file=sys.stderr)
+        sys.exit(2)
     try:
+        if (done := _finished(cfg, run_dir)) is not None:
+            return float(done.get(cfg.optimize_metric, math.nan))
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-        if L.fabric.utilities.rank_zero.rank_zero_only.rank == 0:
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        if _rank_zero():
+            (run_dir / "metrics.json").unlink(missing_ok=True)  # no stale "ok" while this one runs
+            write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         metrics = run(cfg, run_dir)
         _write_metrics(run_dir, {**metrics, "status": "ok"})
         return float(metrics.get(cfg.optimize_metric, math.nan))
-    except UserError as err:
-        _write_metrics(run_dir, {"status": "failed", "error": str(err)})
+    except (UserError, NonFiniteLossError) as err:
+        message = _with_checkpoint(str(err), run_dir) if isinstance(err, NonFiniteLossError) else str(err)
+        _record_failure(run_dir, message, message + "\n")
         if multirun:
-            print(f"job failed: {err}", file=sys.stderr)
+            print(f"job failed: {message}", file=sys.stderr)
             return math.nan
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except Exception as err:  # a crashed job must not take the rest of the sweep down
-        _write_metrics(run_dir, {"status": "failed", "error": f"{type(err).__name__}: {err}"})
-        (run_dir / "error.log").write_text(traceback.format_exc())
+        _record_failure(run_dir, f"{type(err).__name__}: {err}", traceback.format_exc())
         if not multirun:
             raise
         print(f"job failed ({type(err).__name__}: {err}); traceback in {run_dir}/error.log", file=sys.stderr)
@@ -179,8 +199,77 @@ def _main(cfg: DictConfig, run) -> float:
         _finish_wandb()
 
 
+def _rank_zero() -> bool:
+    return L.fabric.utilities.rank_zero.rank_zero_only.rank == 0
+
+
+def _empty_override(overrides) -> str | None:
+    """``key=`` sets an empty string: almost always a shell variable that was not set."""
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if sep and not value and not key.startswith("~"):
+            key = key.lstrip("+")
+            return (f"override {override!r} has an empty value; accepted: a value, {key}=null, "
+                    f"or {key}=\"''\" for an empty string")
+    return None
+
+
+def _finished(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """The stored metrics of a finished run in ``run_dir`` (so it is skipped), else None.
+
+    Decided from files no process writes while jobs start (all DDP ranks must agree); a config that
+    differs from the stored ``config.yaml`` is only reported, since the run folder names the run.
+    """
+    if not cfg.get("resume", True):
+        return None
+    if _rank_zero() and (change := _config_change(cfg, run_dir / "config.yaml")):
+        print(f"note: {run_dir} holds a run with another config ({change}); resume=false starts "
+              "it over", file=sys.stderr)
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(metrics, dict) or metrics.get("status") != "ok":
+        return None
+    if _rank_zero():
+        print(f"already finished: {run_dir} (metrics.json status ok); resume=false runs it again",
+              file=sys.stderr)
+    return metrics
+
+
+def _config_change(cfg: DictConfig, stored: Path) -> str | None:
+    """The first setting (other than ``resume``) whose value differs from the stored config."""
+    if not stored.is_file():
+        return None
+    old = _flat(OmegaConf.to_container(OmegaConf.create(stored.read_text())))
+    new = _flat(OmegaConf.to_container(cfg, resolve=True))
+    keys = sorted(k for k in old.keys() | new.keys() if k != "resume" and old.get(k) != new.get(k))
+    return f"{keys[0]}: {old.get(keys[0])!r} -> {new.get(keys[0])!r}" if keys else None
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict) or not tree:
+        return {prefix: tree}
+    out = {}
+    for key, sub in tree.items():
+        out.update(_flat(sub, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _with_checkpoint(message: str, run_dir: Path) -> str:
+    last = run_dir / "checkpoints" / "last.ckpt"
+    return f"{message}; last good checkpoint: {last}" if last.is_file() else message
+
+
+def _record_failure(run_dir: Path, error: str, log: str) -> None:
+    """``metrics.json`` with status failed (the report lists the cell) and ``error.log``."""
+    _write_metrics(run_dir, {"status": "failed", "error": error})
+    if _rank_zero():
+        write_text(run_dir / "error.log", log)
+
+
 def _write_metrics(run_dir: Path, metrics: dict) -> None:
-    if L.fabric.utilities.rank_zero.rank_zero_only.rank == 0:
+    if _rank_zero():
         write_json(run_dir / "metrics.json", metrics)
 
 

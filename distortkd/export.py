@@ -142,9 +142,11 @@ def timm_config(run: Run, encoder: Encoder) -> dict:
     pretrained_cfg = {**data, "num_classes": backbone.num_classes, "custom_load": False,
                       **{k: base[k] for k in ("fixed_input_size", "first_conv", "classifier") if k in base}}
     start = cfg.model.get("weights_file") or ("timm hub" if cfg.model.get("pretrained") else "random init")
+    if cfg.get("task") == "finetune" and (student := _init_run(cfg)) is not None:
+        start = f"distilled student of {student}"
     info = {"task": cfg.get("task"), "method": cfg.get("method"), "model": str(cfg.model.name),
-            "start_weights": str(start),
-            "upstream_tag": tag or None, "distortion": _plain(cfg.get("distortion")),
+            "start_weights": str(start), "upstream_tag": tag or None,
+            "distortion": _plain(cfg.get("distortion")),
             "data": cfg.data.get("name"), "loss": _plain(cfg.get("loss")),
             "source_checkpoint": str(run.ckpt.resolve()), "run_dir": str(run.run_dir.resolve()),
             "metrics": {k: v for k, v in run.metrics.items() if isinstance(v, (int, float))}}
@@ -323,10 +325,22 @@ def finetunes_of(run: Run) -> list[dict]:
     return rows
 
 
+def _loss(info: dict) -> str:
+    """The distillation loss; for a fine-tune, cross-entropy and, if any, its student's loss."""
+    loss = info["loss"] or {}
+    text = (f"`{loss.get('name')}` ({LOSS_TEXT.get(loss.get('fn'), loss.get('fn'))}); "
+            f"parameters {_params(loss.get('params'))}.")
+    if info["task"] != "finetune":
+        return text
+    if info["start_weights"].startswith("distilled student"):
+        return f"Cross-entropy on labels, starting from a student distilled with {text}"
+    return "Cross-entropy on labels (no distillation: the supervised baseline)."
+
+
 def model_card(config: dict, folder: Path, params: int, run: Run) -> str:
     """A Hugging Face model card (``README.md``) for an exported folder."""
     info = config["distortkd"]
-    dist, loss = info["distortion"] or {}, info["loss"] or {}
+    dist = info["distortion"] or {}
     tags = ["timm", "image-feature-extraction", "knowledge-distillation", "robustness",
             f"distortion-{dist.get('family')}", str(info["data"])]
     front = ("---\nlibrary_name: timm\npipeline_tag: image-feature-extraction\ntags:\n"
@@ -339,8 +353,7 @@ def model_card(config: dict, folder: Path, params: int, run: Run) -> str:
         f"## Data\n\n`{info['data']}`, images at {h}×{w} px, {c} channel(s). Preprocessing: resize the "
         f"shorter side to {math.floor(h / crop)} px ({config['interpolation']}), center-crop {h}×{w}, scale to "
         f"[0, 1], normalise with mean {config['mean']} and std {config['std']}.\n\n"
-        f"## Loss\n\n`{loss.get('name')}` ({LOSS_TEXT.get(loss.get('fn'), loss.get('fn'))}); "
-        f"parameters {_params(loss.get('params'))}.\n\n"
+        f"## Loss\n\n{_loss(info)}\n\n"
         f"## How to load\n\n{_usage(config, folder)}\n"
         f"## Results\n\n{_results(run.metrics, finetunes_of(run))}\n"
         f"## Source\n\nCheckpoint `{info['source_checkpoint']}`; run config `{info['run_dir']}/config.yaml`. "

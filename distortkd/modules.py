@@ -86,6 +86,15 @@ class _Base(L.LightningModule):
                 "stopping. The last good checkpoint is kept; lower the learning rate or use bf16/fp32."
             )
 
+    def check_finite_weights(self, state: dict[str, Tensor]) -> None:
+        # The loss check sees a diverged update one step late: never write it over a good checkpoint.
+        bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+        if bad is not None:
+            raise NonFiniteLossError(
+                f"weight {bad} is not finite at global step {self.global_step} (epoch {self.current_epoch}); "
+                "stopping before saving it. Lower the learning rate or use bf16/fp32."
+            )
+
 
 class DistillModule(_Base):
     """Frozen teacher on clean crops, trainable student on the same crops distorted; no labels.
@@ -161,6 +170,7 @@ class DistillModule(_Base):
         checkpoint["state_dict"] = {
             k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")
         }
+        self.check_finite_weights(checkpoint["state_dict"])
         checkpoint["distortkd"] = architecture(self.student)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -255,6 +265,7 @@ class FinetuneModule(_Base):
         return votes.sum(1)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.check_finite_weights(checkpoint["state_dict"])
         checkpoint["distortkd"] = architecture(self.encoder)
 
 

@@ -1,4 +1,4 @@
-"""Trainer assembly: checkpoints, loggers, progress output, atomic result files."""
+"""Trainer assembly: checkpoints, resumable data, loggers, progress output, atomic result files."""
 
 from __future__ import annotations
 
@@ -10,19 +10,190 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+from omegaconf import Container, DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from distortkd.errors import UserError
+
+
+def write_text(path: Path, text: str) -> None:
+    """Writes atomically (temp file in the same folder, then rename): never a half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def write_json(path: Path, obj: dict) -> None:
-    """Writes JSON atomically (temp file in the same folder, then rename): never a half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=float)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=float))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` into a temp file in the checkpoint's own folder, fsync, then ``os.replace``.
+
+    Lightning's ``_atomic_save`` goes through an fsspec transaction, which for a local path writes
+    ``tempfile.mkstemp()`` in the *system* temp folder and then ``shutil.move``s it: a rename only
+    when /tmp and the run folder share a filesystem. On a cluster (node-local /tmp, runs on NFS or
+    Lustre) the move copies into ``last.ckpt`` in place, so a kill mid-copy leaves a truncated
+    checkpoint, and every killed save leaves a checkpoint-sized file in /tmp.
+
+    OmegaConf containers (the datamodule's hyper-parameters) are written as plain lists and dicts,
+    so that ``torch.load``'s default ``weights_only=True`` (and so Lightning's resume) can read them.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        checkpoint = _plain(checkpoint)
+        if "://" in str(path):  # remote storage: fsspec's own transaction
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())  # the rename must not reach the disk before the data
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def _plain(obj):
+    if isinstance(obj, Container):
+        return OmegaConf.to_container(obj, resolve=True)
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(_plain(v) for v in obj)
+    return obj
+
+
+def _rng_state() -> dict:
+    """torch's generators, the only ones training draws from (crops, flips, distortions)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # this process's device only
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that can continue an epoch after its first ``served`` batches, bit for bit.
+
+    Nothing is drawn before the first batch is asked for, so the epoch's randomness starts from
+    ``start_rng`` whatever Lightning does between ``iter()`` and ``next()``. ``resume`` (set by
+    ``ResumeState``) replays the epoch's start: same generators, hence the same shuffle and worker
+    seeds; the batches already trained on are loaded again and dropped (their data only, no step),
+    then the generators are set to where the checkpoint left them.
+    """
+
+    start_rng: dict | None = None
+    served: int = 0
+    resume: dict | None = None
+
+    @classmethod
+    def like(cls, loader: DataLoader) -> ResumableLoader:
+        """The same loader (dataset, batch size, shuffling, workers), resumable."""
+        return cls(loader.dataset, loader.batch_size, sampler=loader.sampler, num_workers=loader.num_workers,
+                   collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
+                   timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
+                   generator=loader.generator, prefetch_factor=loader.prefetch_factor,
+                   persistent_workers=loader.persistent_workers)
+
+    def __iter__(self):
+        return self._batches()
+
+    def _batches(self):
+        resume, self.resume = self.resume, None
+        if resume:
+            _set_rng_state(resume["start_rng"])
+        self.start_rng, self.served = _rng_state(), 0
+        batches = super().__iter__()
+        if resume:
+            for _ in range(resume["served"]):
+                next(batches)
+            self.served = resume["served"]
+            _set_rng_state(resume["rng"])
+        for batch in batches:
+            self.served += 1
+            yield batch
+
+
+def resumable(datamodule: L.LightningDataModule) -> L.LightningDataModule:
+    """Serves ``datamodule``'s train split through a ``ResumableLoader``."""
+    plain = datamodule.train_dataloader
+    datamodule.train_dataloader = lambda: ResumableLoader.like(plain())
+    return datamodule
+
+
+class ResumeState(Callback):
+    """Saves torch's generators and the position in the epoch with every checkpoint; restores both.
+
+    Lightning 2.6 saves neither. A mid-epoch resume restarts a plain DataLoader at its first batch
+    and only ends the epoch early: the batches before the checkpoint are seen twice, those after it
+    never. Its own support for loaders with ``state_dict`` does not help here: ``configure_optimizers``
+    reads ``estimated_stepping_batches``, which builds the loader before the loop state that would
+    restore it is loaded, so ``load_state_dict`` is never called.
+    """
+
+    def __init__(self):
+        self._loaded: dict | None = None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        loader = trainer.train_dataloader
+        checkpoint["resume_state"] = {
+            "rng": _rng_state(), "epoch": trainer.current_epoch,
+            "start_rng": getattr(loader, "start_rng", None), "served": getattr(loader, "served", 0),
+        }
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self._loaded = checkpoint.get("resume_state")
+        if self._loaded:
+            _set_rng_state(self._loaded["rng"])  # an end-of-epoch checkpoint needs nothing more
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        state, self._loaded = self._loaded, None
+        loader = trainer.train_dataloader
+        mid_epoch = (state and state["start_rng"] is not None and state["epoch"] == trainer.current_epoch
+                     and state["served"] < trainer.num_training_batches)
+        if mid_epoch and isinstance(loader, ResumableLoader):
+            loader.resume = state
+
+
+def checkpoint_callbacks(run_dir: Path, monitor: str, mode: str, every_n_train_steps: int | None) -> list:
+    """``best.ckpt`` (by ``monitor``, after validation); ``last.ckpt`` after every epoch and, with
+    ``every_n_train_steps``, every that many optimizer steps (mid-epoch too).
+
+    Not ``save_last=True``: Lightning 2.6 refreshes ``last.ckpt`` only at steps where it also saved
+    a top-k checkpoint, so an epoch that did not improve ``monitor`` left a stale ``last.ckpt``, and
+    step-interval saves waited for the first validation. Both ``last`` callbacks write one file;
+    no version counter, so ``resume=false`` overwrites instead of leaving a stale ``best.ckpt``.
+    """
+    folder = str(run_dir / "checkpoints")
+    last = dict(dirpath=folder, filename="last", save_top_k=1, enable_version_counter=False)
+    callbacks = [
+        ModelCheckpoint(dirpath=folder, filename="best", monitor=monitor, mode=mode, save_top_k=1,
+                        auto_insert_metric_name=False, enable_version_counter=False),
+        ModelCheckpoint(**last),
+    ]
+    if every_n_train_steps:
+        callbacks.append(ModelCheckpoint(**last, every_n_train_steps=every_n_train_steps))
+    return callbacks
 
 
 class EpochLine(Callback):
@@ -57,22 +228,42 @@ def make_loggers(cfg: DictConfig, run_dir: Path) -> list:
     return loggers
 
 
+def check_launch(trainer: L.Trainer) -> None:
+    """Refuses Lightning's own multi-process launch inside a Hydra multirun.
+
+    That launcher starts each extra process by re-running ``sys.argv`` (``-m`` and every sweep value
+    included), so each process would run the whole sweep (Lightning issue 11300). Processes started
+    by Slurm or torchrun are fine: Lightning then launches nothing.
+    """
+    launcher = trainer.strategy.launcher
+    if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+        return
+    if isinstance(launcher, _SubprocessScriptLauncher) and launcher.num_processes > 1:
+        raise UserError(
+            f"trainer.strategy={trainer.strategy.strategy_name} with {launcher.num_processes} devices "
+            "cannot be launched by Lightning inside a multirun (-m): it would re-run the whole sweep in "
+            "every process; accepted: hydra/launcher=slurm (one task per device), torchrun, or one "
+            "run per command without -m")
+
+
 def make_trainer(cfg: DictConfig, run_dir: Path, monitor: str, mode: str) -> L.Trainer:
     """The configured Trainer with checkpointing into ``run_dir/checkpoints`` (stable per run)."""
-    ck = cfg.checkpoint
     callbacks = [
-        ModelCheckpoint(
-            dirpath=str(run_dir / "checkpoints"), filename="best", monitor=monitor, mode=mode,
-            save_last=True, save_top_k=1, every_n_train_steps=ck.every_n_train_steps,
-            auto_insert_metric_name=False,
-        ),
+        *checkpoint_callbacks(run_dir, monitor, mode, cfg.checkpoint.every_n_train_steps),
+        ResumeState(),
         RichProgressBar() if _interactive() else EpochLine(),
     ]
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    return instantiate(
+    trainer = instantiate(
         trainer_cfg,
         callbacks=callbacks,
         logger=make_loggers(cfg, run_dir) or False,
         default_root_dir=str(run_dir),
         enable_progress_bar=_interactive(),
+        plugins=[AtomicCheckpointIO()],
     )
+    check_launch(trainer)
+    if trainer.is_global_zero:  # temp files of saves that were killed mid-write
+        for tmp in (run_dir / "checkpoints").glob(".*.ckpt.*.tmp"):
+            tmp.unlink(missing_ok=True)
+    return trainer

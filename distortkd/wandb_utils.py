@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -18,10 +19,23 @@ def _has_credentials() -> bool:
 
 
 def run_id(run_dir: Path) -> str:
-    """The W&B run id stored in the run folder, so a resumed run continues the same dashboard run."""
+    """The W&B run id stored in the run folder, so a resumed run continues the same dashboard run.
+
+    Every DDP rank builds the logger: the id file appears whole and once (a hard link of a finished
+    temp file fails if another process got there first), so all ranks and later resumes agree.
+    """
     path = run_dir / "wandb_id.txt"
     if not path.is_file():
-        path.write_text(uuid.uuid4().hex[:12])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".wandb_id.")
+        with os.fdopen(fd, "w") as f:
+            f.write(uuid.uuid4().hex[:12])
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
     return path.read_text().strip()
 
 

@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 from omegaconf import OmegaConf
-from PIL import Image
+from PIL import Image, ImageOps
 
 from distortkd import embed, export
 from distortkd.errors import UserError
@@ -64,7 +64,10 @@ def images(tmp_path_factory):
         shape = (h, w, 3) if mode == "RGB" else (h, w)
         path = root / ("sub" if i == 3 else "") / f"img{i}.{suffix}"
         path.parent.mkdir(exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(path)
+        exif = Image.Exif()
+        if i == 0:
+            exif[0x0112] = 6  # EXIF orientation: stored sideways, shown rotated by 90°
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(path, exif=exif)
     (root / "broken.jpg").write_bytes(rng.bytes(500))
     return root
 
@@ -113,8 +116,8 @@ def test_load_exported_equals_the_original_encoder(run, exported):
 
 
 def _reference(student, path: Path) -> torch.Tensor:
-    """CLS of one image, preprocessed by hand: short side to 36 px, centred 32-px crop."""
-    im = Image.open(path).convert("RGB")
+    """CLS of one image, preprocessed by hand: upright, short side to 36 px, centred 32-px crop."""
+    im = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
     w, h = im.size
     s = 36 / min(w, h)
     im = im.resize((round(w * s), round(h * s)), Image.BILINEAR)
