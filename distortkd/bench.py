@@ -59,6 +59,7 @@ class Result:
     batch: int
     ms: list[float]
     peak_mib: float
+    cpu_ms: list[float] | None = None  # process CPU time (all threads), CPU device only
     extra: dict = field(default_factory=dict)
 
     @property
@@ -70,7 +71,8 @@ class Result:
         return self.batch / self.median_ms * 1e3
 
     def row(self) -> dict:
-        return {"variant": self.name, "median_ms": self.median_ms, "min_ms": min(self.ms),
+        cpu = {"cpu_ms": statistics.median(self.cpu_ms)} if self.cpu_ms else {}
+        return {"variant": self.name, "median_ms": self.median_ms, "min_ms": min(self.ms), **cpu,
                 "img/s": self.ips, "peak_MiB": self.peak_mib, **self.extra}
 
 
@@ -109,17 +111,20 @@ class Bench:
             self.sync()
             peak[name] = self.peak_mib()
         ms: dict[str, list[float]] = {name: [] for name in fns}
+        cpu: dict[str, list[float]] = {name: [] for name in fns}
         order = list(fns)
         for i in range(self.args.iters):
             for name in order if i % 2 == 0 else order[::-1]:
                 self.sync(reset_peak=True)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 fns[name]()
                 self.sync()
                 ms[name].append((time.perf_counter() - t0) * 1e3)
+                cpu[name].append((time.process_time() - c0) * 1e3)
                 if self.device.type == "cuda":
                     peak[name] = max(peak[name], self.peak_mib())
-        return {name: Result(name, batch, ms[name], peak[name]) for name in fns}
+        on_cpu = self.device.type == "cpu"
+        return {n: Result(n, batch, ms[n], peak[n], cpu[n] if on_cpu else None) for n in fns}
 
     def images(self, batch: int | None = None) -> Tensor:
         """Uniform ``[0, 1]`` images ``[B, 3, S, S]`` on the device, fp32 (autocast casts them)."""
@@ -133,9 +138,15 @@ class Bench:
         return build_vit(name or self.args.model, pretrained=False, **kwargs).to(self.device)
 
 
-def paired_ratio(a: Result, b: Result) -> float:
-    """Median over rounds of ``a``'s time / ``b``'s time in the same round: robust to drift."""
-    return statistics.median(t / u for t, u in zip(a.ms, b.ms, strict=True))
+def ratios(label: str, a: Result, b: Result) -> dict[str, float]:
+    """``a``'s time over ``b``'s: of medians; median of same-round ratios (cancels drift); of minima
+    (other processes only ever add wall time); of median process CPU times (blind to them)."""
+    paired = statistics.median(t / u for t, u in zip(a.ms, b.ms, strict=True))
+    out = {f"ratio_{label}": a.median_ms / b.median_ms, f"ratio_{label}_paired": paired,
+           f"ratio_{label}_min": min(a.ms) / min(b.ms)}
+    if a.cpu_ms and b.cpu_ms:
+        out[f"ratio_{label}_cpu"] = statistics.median(a.cpu_ms) / statistics.median(b.cpu_ms)
+    return out
 
 
 def cmd_taps(b: Bench) -> tuple[list[Result], dict]:
@@ -152,8 +163,7 @@ def cmd_taps(b: Bench) -> tuple[list[Result], dict]:
     fns = {k: partial(run, torch.compile(f) if b.args.compile else f) for k, f in fns.items()}
     res = b.measure(fns, b.args.batch)
     a, p = res["extract_features"], res["forward_features"]
-    summary = {"ratio_extract/plain": a.median_ms / p.median_ms,
-               "ratio_extract/plain_paired": paired_ratio(a, p), "target_max": 1.03}
+    summary = {**ratios("extract/plain", a, p), "target_max": 1.03}
     return list(res.values()), summary
 
 
@@ -258,8 +268,7 @@ def cmd_step(b: Bench) -> tuple[list[Result], dict]:
     for num in ("distill", "distill[no_attn]", "distill+compile"):
         den = "supervised+compile" if num.endswith("+compile") else "supervised"
         if num in res:
-            summary[f"ratio_{num}/{den}"] = res[num].median_ms / res[den].median_ms
-            summary[f"ratio_{num}/{den}_paired"] = paired_ratio(res[num], res[den])
+            summary.update(ratios(f"{num}/{den}", res[num], res[den]))
     summary["target_max"] = 1.40
     return list(res.values()), summary
 
@@ -346,7 +355,7 @@ def time_loader(b: Bench, loader) -> Result:
         n += len(next(it)["image"])
         ms.append((time.perf_counter() - t0) * 1e3)
     extra = {"stream_img/s": n / (time.perf_counter() - start)}
-    return Result(f"workers={loader.num_workers}", loader.batch_size, ms, b.peak_mib(), extra)
+    return Result(f"workers={loader.num_workers}", loader.batch_size, ms, b.peak_mib(), extra=extra)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -5,7 +5,10 @@ the centred ``S × S`` square, so a split is one array ``[N, C, S, S]`` (ImageNe
 126.7k × 3 × 256² ≈ 25 GB). Training crops are drawn from the canvas, not the full image: the
 long side's margins are gone (a quarter of a 4:3 photo) and a small RandomResizedCrop is upsampled
 from canvas pixels. Eval crops are exact: at the default ``S = floor(image_size / crop_pct)``
-the canvas holds the very pixels that ``Resize(S)`` leaves for ``CenterCrop(image_size)``.
+the canvas holds the very pixels that ``Resize(S)`` leaves for ``CenterCrop(image_size)``, sliced
+out when ``S - image_size`` is even (224 of 256); an odd difference centres the crop half a pixel
+off PIL's rounded offset (bilinear). The sidecar checks rows, split and labels, not pixels: delete
+the folder after editing images in place.
 
 On disk, one folder per (dataset, source, split, S, channels) under
 ``<cache_dir or HF_DATASETS_CACHE>/distortkd-uint8/``: ``images.u8`` (raw bytes, C order),
@@ -136,8 +139,11 @@ def _build(where: Path, meta: dict, rows: Dataset, num_workers: int, batch: int 
         (where / f"{SIDECAR}.tmp").write_text(json.dumps({**meta, "bad": int((~valid).sum())}))
         _commit(where / f"{SIDECAR}.tmp", where / SIDECAR)
         _fsync_dir(where)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)  # tens of GB; an interrupted build restarts from scratch
+        if isinstance(err, UserError):  # from a worker: its message, not the worker's traceback
+            last = str(err).strip().splitlines()[-1]
+            raise UserError(last.removeprefix(f"{UserError.__module__}.UserError: ")) from None
         raise
     log.info("data.cache: %d images in %.0f s", n, time.perf_counter() - start)
 
@@ -201,25 +207,28 @@ def bench(n: int, workers: list[int], batch: int, image_size: int, repeats: int,
         kw = dict(path=str(root), image_size=image_size, batch_size=batch, pin_memory=False,
                   cache_dir=f"{tmp}/cache")
         start = time.perf_counter()
-        ImageDataModule("imagenet100", cache="uint8", num_workers=max(workers), **kw).setup("fit")
+        ImageDataModule("imagenet100", cache="uint8", num_workers=max(workers), **kw).dataset("train")
         build = time.perf_counter() - start
         print(f"{n} JPEGs ~500x400 -> {image_size}px, batch {batch}, {batches} batches x "
-              f"{repeats} repeats; cache build (train+val, {max(workers)} workers): {build:.1f} s")
-        print("workers | before img/s (PIL) | after img/s (uint8+crop) | speedup | crop share")
+              f"{repeats} repeats; cache build ({max(workers)} workers): {build:.1f} s; "
+              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+        print("workers | before img/s (PIL) | after: loader only | after: loader + crop | speedup"
+              " | crop share")
         for w in workers:
-            before, after, share = [], [], []
+            before, loader, after, share = [], [], [], []
             for _ in range(repeats):
                 dm = ImageDataModule("imagenet100", num_workers=w, **kw)
                 before.append(_stream_ips(dm.train_dataloader(), batches)[0])
                 dm = ImageDataModule("imagenet100", cache="uint8", num_workers=w, **kw)
+                loader.append(_stream_ips(dm.train_dataloader(), batches)[0])
                 ips, part = _stream_ips(dm.train_dataloader(), batches,
                                         lambda b, dm=dm: dm.to_images(b, train=True))
                 after.append(ips)
                 share.append(part)
             b, a = statistics.median(before), statistics.median(after)
-            print(f"{w:7d} | {b:18.0f} | {a:24.0f} | {a / b:6.1f}x | {statistics.median(share):.0%}"
-                  f"   (before {min(before):.0f}-{max(before):.0f}, after {min(after):.0f}-"
-                  f"{max(after):.0f})")
+            print(f"{w:7d} | {b:18.0f} | {statistics.median(loader):18.0f} | {a:20.0f} | "
+                  f"{a / b:6.1f}x | {statistics.median(share):.0%}   (ranges: before "
+                  f"{min(before):.0f}-{max(before):.0f}, after {min(after):.0f}-{max(after):.0f})")
 
 
 def main(argv: list[str] | None = None) -> None:

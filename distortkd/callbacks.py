@@ -35,7 +35,7 @@ class AttentionPanels(L.Callback):
 
         if self._batch is None:
             self._batch = next(iter(trainer.datamodule.val_dataloader()))
-        images = self._batch["image"][: self.k].to(module.device)
+        images = trainer.datamodule.to_images({"image": self._batch["image"][: self.k].to(module.device)})["image"]
         seeds = sample_seeds(self._batch["index"][: self.k].to(module.device), module.eval_seed)
         with torch.no_grad():
             maps = attention_maps(student, module.teacher, module.teacher.encoder, images,

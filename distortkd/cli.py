@@ -163,32 +163,34 @@ def _metrics(trainer: L.Trainer) -> dict:
 def _main(cfg: DictConfig, run) -> float:
     """Runs one job; in a multirun a failing job is recorded and the sweep goes on.
 
-    Re-running a finished run (metrics.json status ok) returns its stored metrics without training
-    again, unless ``resume=false``; an unfinished one resumes from its last checkpoint.
+    Re-running a finished run (metrics.json status ok, same settings) returns its stored metrics
+    without training again, and an unfinished one resumes from its last checkpoint, unless
+    ``resume=false``. A run folder that holds a run with other settings is refused, not overwritten.
     """
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    if bad := _empty_override(HydraConfig.get().overrides.task):  # the whole command is wrong
-        print(f"error: {bad}", file=sys.stderr)
-        sys.exit(2)
+    if bad := _empty_override(HydraConfig.get().overrides.task):
+        return _refuse(bad, multirun=False)  # the whole command is wrong
+    clash = _config_clash(cfg, run_dir)  # then that folder is another run's: nothing is written there
     try:
+        build_distortion(cfg.distortion)  # cheap checks first: a bad value is named before a clash
+        build_loss(cfg.loss)
+        if clash:
+            raise UserError(clash)
         if (done := _finished(cfg, run_dir)) is not None:
             return float(done.get(cfg.optimize_metric, math.nan))
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-        if _rank_zero():
-            (run_dir / "metrics.json").unlink(missing_ok=True)  # no stale "ok" while this one runs
+        if _rank_zero():  # in this order: the other DDP ranks read config.yaml, then metrics.json
+            (run_dir / "metrics.json").unlink(missing_ok=True)
             write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         metrics = run(cfg, run_dir)
         _write_metrics(run_dir, {**metrics, "status": "ok"})
         return float(metrics.get(cfg.optimize_metric, math.nan))
     except (UserError, NonFiniteLossError) as err:
         message = _with_checkpoint(str(err), run_dir) if isinstance(err, NonFiniteLossError) else str(err)
-        _record_failure(run_dir, message, message + "\n")
-        if multirun:
-            print(f"job failed: {message}", file=sys.stderr)
-            return math.nan
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+        if not clash:
+            _record_failure(run_dir, message, message + "\n")
+        return _refuse(message, multirun)
     except Exception as err:  # a crashed job must not take the rest of the sweep down
         _record_failure(run_dir, f"{type(err).__name__}: {err}", traceback.format_exc())
         if not multirun:
@@ -197,6 +199,15 @@ def _main(cfg: DictConfig, run) -> float:
         return math.nan
     finally:
         _finish_wandb()
+
+
+def _refuse(message: str, multirun: bool) -> float:
+    """One line instead of a traceback; a multirun goes on with its next job."""
+    if multirun:
+        print(f"job failed: {message}", file=sys.stderr)
+        return math.nan
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _rank_zero() -> bool:
@@ -214,37 +225,45 @@ def _empty_override(overrides) -> str | None:
     return None
 
 
-def _finished(cfg: DictConfig, run_dir: Path) -> dict | None:
-    """The stored metrics of a finished run in ``run_dir`` (so it is skipped), else None.
+# Settings that change how a run executes, not what it computes: they may differ on a resume.
+_EXECUTION_ONLY = ("resume", "paths.", "logger.", "checkpoint.", "data.num_workers", "data.pin_memory",
+                   "data.cache_dir")
 
-    Decided from files no process writes while jobs start (all DDP ranks must agree); a config that
-    differs from the stored ``config.yaml`` is only reported, since the run folder names the run.
+
+def _config_clash(cfg: DictConfig, run_dir: Path) -> str | None:
+    """Why ``run_dir`` cannot be resumed or skipped: it holds a run whose stored ``config.yaml``
+    differs from ``cfg`` (a sweep over a key the folder name leaves out would overwrite it).
+
+    Keys only one side has are not compared (configs gain keys as the code grows).
     """
-    if not cfg.get("resume", True):
+    stored = run_dir / "config.yaml"
+    if not cfg.get("resume", True) or not stored.is_file():
         return None
-    if _rank_zero() and (change := _config_change(cfg, run_dir / "config.yaml")):
-        print(f"note: {run_dir} holds a run with another config ({change}); resume=false starts "
-              "it over", file=sys.stderr)
+    try:
+        old = _flat(OmegaConf.to_container(OmegaConf.load(stored)))
+    except Exception:  # an unreadable config.yaml holds nothing to protect
+        return None
+    new = _flat(OmegaConf.to_container(cfg, resolve=True))
+    keys = sorted(k for k in old.keys() & new.keys() if old[k] != new[k] and not k.startswith(_EXECUTION_ONLY))
+    if not keys:
+        return None
+    return (f"{run_dir} holds a run with other settings ({keys[0]}: {old[keys[0]]!r} there, "
+            f"{new[keys[0]]!r} now); accepted: the same settings, resume=false to start it over, "
+            "or a run name that tells the runs apart")
+
+
+def _finished(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """The stored metrics of a finished run in ``run_dir`` (so it is skipped), else None."""
     try:
         metrics = json.loads((run_dir / "metrics.json").read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(metrics, dict) or metrics.get("status") != "ok":
+    if not cfg.get("resume", True) or not isinstance(metrics, dict) or metrics.get("status") != "ok":
         return None
     if _rank_zero():
         print(f"already finished: {run_dir} (metrics.json status ok); resume=false runs it again",
               file=sys.stderr)
     return metrics
-
-
-def _config_change(cfg: DictConfig, stored: Path) -> str | None:
-    """The first setting (other than ``resume``) whose value differs from the stored config."""
-    if not stored.is_file():
-        return None
-    old = _flat(OmegaConf.to_container(OmegaConf.create(stored.read_text())))
-    new = _flat(OmegaConf.to_container(cfg, resolve=True))
-    keys = sorted(k for k in old.keys() | new.keys() if k != "resume" and old.get(k) != new.get(k))
-    return f"{keys[0]}: {old.get(keys[0])!r} -> {new.get(keys[0])!r}" if keys else None
 
 
 def _flat(tree, prefix: str = "") -> dict:
@@ -257,8 +276,12 @@ def _flat(tree, prefix: str = "") -> dict:
 
 
 def _with_checkpoint(message: str, run_dir: Path) -> str:
+    """Appends where the last good (finite, never overwritten by a diverged model) state is."""
     last = run_dir / "checkpoints" / "last.ckpt"
-    return f"{message}; last good checkpoint: {last}" if last.is_file() else message
+    if not last.is_file():
+        return f"{message}; no checkpoint was written before"
+    step = torch.load(last, map_location="cpu", mmap=True, weights_only=True)["global_step"]
+    return f"{message}; last good checkpoint: {last} (global step {step})"
 
 
 def _record_failure(run_dir: Path, error: str, log: str) -> None:

@@ -36,12 +36,12 @@ import lightning as L
 import numpy as np
 import PIL.Image
 import torch
-from torch import Tensor
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms import v2
 
-from distortkd import cache
+from distortkd import cache as canvases
 from distortkd.errors import UserError, unknown
 from distortkd.transforms import BatchTransform, canvas_transform, pil_transform
 from distortkd.transforms import resized_crop as resized_crop  # re-exported
@@ -318,6 +318,9 @@ def _check_options(h, rrc_scale: tuple, subset: tuple | None, spec: DatasetSpec)
          f"limit_train {h.limit_train} / limit_eval {h.limit_eval}; accepted: >= 1, or null"),
         (not h.val_ood or spec.ood, f"val_ood for {h.name}; accepted for: "
          + ", ".join(k for k, s in DATASETS.items() if s.ood)),
+        (h.cache in canvases.KINDS, f"cache {h.cache!r}; accepted: null, uint8"),
+        (h.cache_size is None or h.cache_size >= 1, f"cache_size {h.cache_size}; accepted: >= 1"),
+        (not (h.cache and h.in_memory), "cache=uint8 with in_memory=true; accepted: one of them"),
     ]:
         if not ok:
             raise UserError(f"invalid data option {bad}")
@@ -342,7 +345,12 @@ class ImageDataModule(L.LightningDataModule):
         augment: RandomResizedCrop(``rrc_scale``) + flip for train; False: the eval transform.
         max_bad_fraction: undecodable images tolerated per split before a ``UserError``.
         in_memory: hold splits as one uint8 tensor (same-size images); None: the spec's default.
-        val_ood: ``val_dataloader`` returns ``[val, ood]`` (CAMELYON17). cache_dir: ``datasets``'.
+        val_ood: ``val_dataloader`` returns ``[val, ood]`` (CAMELYON17).
+        cache_dir: ``datasets``' cache, and the root of the uint8 cache; None: HF_DATASETS_CACHE.
+        cache: ``"uint8"``: decode each split once into uint8 canvases on disk (``distortkd.cache``)
+            and crop batches on the device in ``on_after_batch_transfer``; None: decode per epoch.
+        cache_size: canvas side S' (shorter side resized to S', centre S' x S' kept); None:
+            ``floor(image_size / crop_pct)`` (``image_size`` for small datasets).
     """
 
     def __init__(self, name: str, path: str | None = None, image_size: int = 224,
@@ -353,7 +361,8 @@ class ImageDataModule(L.LightningDataModule):
                  limit_eval: int | None = None, augment: bool = True,
                  rrc_scale: Sequence[float] = (0.08, 1.0), max_bad_fraction: float = 0.001,
                  in_memory: bool | None = None, val_ood: bool = False,
-                 cache_dir: str | None = None):
+                 cache_dir: str | None = None, cache: str | None = None,
+                 cache_size: int | None = None):
         super().__init__()
         if name not in DATASETS:
             raise unknown("dataset", name, DATASETS)
@@ -362,7 +371,8 @@ class ImageDataModule(L.LightningDataModule):
         self.rrc_scale = tuple(float(s) for s in rrc_scale)
         self.train_subset = None if train_subset is None else tuple(int(i) for i in train_subset)
         _check_options(self.hparams, self.rrc_scale, self.train_subset, self.spec)
-        self.in_memory = self.spec.in_memory if in_memory is None else in_memory
+        self.in_memory = self.spec.in_memory if in_memory is None and not cache else bool(in_memory)
+        self.cache_size = cache_size or canvases.default_side(image_size, crop_pct, self.spec.small)
         self.num_classes = self.spec.num_classes
         self.class_names: list[str] | None = list(self.spec.names or []) or None
         idx = Path(path or self.spec.idx_dir) if self.spec.idx_dir else None  # IDX files, if any
@@ -373,12 +383,15 @@ class ImageDataModule(L.LightningDataModule):
         self._local: datasets.DatasetDict | None = None
 
     def prepare_data(self) -> None:
-        """Downloads (hub) or indexes (local parquet/image folder) once per node."""
+        """Downloads (hub) or indexes (local parquet/image folder) once per node; with ``cache``,
+        also decodes every split into its canvas file (once: later runs find it)."""
         if self.idx_dir is None and self.path is not None:
             open_local(self.path, self.hparams.cache_dir)
         elif self.idx_dir is None:
             for split in sorted(set(self.spec.splits.values())):
                 load_hub_split(self.name, split, self.hparams.cache_dir)
+        for split in sorted(set(self.spec.splits.values())) if self.hparams.cache else ():
+            self._load(split)
 
     def setup(self, stage: str | None = None) -> None:
         """Loads the splits ``stage`` needs (train, val and test for None), on every process."""
@@ -425,7 +438,10 @@ class ImageDataModule(L.LightningDataModule):
         """A split's ``labels [N]`` and ``table`` (lazy) or ``images [N, C, h, w]`` uint8."""
         if split in self._raw:
             return self._raw[split]
-        raw = {"table": None, "images": None, "ood": None, "bad": None}
+        raw = {"table": None, "images": None, "ood": None, "bad": None, "canvas": None}
+        if self.idx_dir is not None and self.hparams.cache:
+            raise UserError(f"cache=uint8 for {self.name} from IDX files ({self.idx_dir}): "
+                            "they are held in memory already; accepted: cache=null")
         if self.idx_dir is not None:
             prefix = self.idx_dir / {"train": "train", "test": "t10k"}[split]
             images = read_idx(Path(f"{prefix}-images-idx3-ubyte.gz"))
@@ -441,8 +457,23 @@ class ImageDataModule(L.LightningDataModule):
                 rows = HFImages(table, self.spec.image_key, raw["labels"], np.arange(len(table)),
                                 None, self._mode, self.hparams.max_bad_fraction, where)
                 raw["images"], raw["bad"] = rows.decode_all(), rows.bad.numpy()
+            elif self.hparams.cache:
+                raw.update(self._cached(split, table, raw["labels"]))
         self._raw[split] = raw
         return raw
+
+    def _cached(self, split: str, table: datasets.Dataset, labels: np.ndarray) -> dict:
+        """The split's uint8 canvas file (decoded into it first, unless cached): ``canvas``
+        (path), ``shape`` ``[N, C, S', S']`` and ``bad [N]``."""
+        h, side = self.hparams, self.cache_size
+        source = str(Path(self.path).expanduser().resolve()) if self.path else self.spec.hub_id
+        where = canvases.folder(h.cache_dir, self.name, source, split, side, self.in_chans)
+        meta = canvases.sidecar(self.name, source, split, labels, side, self.in_chans)
+        rows = HFImages(table, self.spec.image_key, labels, np.arange(len(table)),
+                        canvas_transform(side), self._mode, h.max_bad_fraction,
+                        f"{self.name} {split}")
+        valid = canvases.load_or_build(where, meta, rows, h.num_workers)
+        return {"canvas": where / canvases.IMAGES, "shape": meta["shape"], "bad": ~valid}
 
     @property
     def _mode(self) -> str:
@@ -477,6 +508,9 @@ class ImageDataModule(L.LightningDataModule):
             if raw["images"] is not None:
                 transform = BatchTransform(*args, self.in_chans)
                 self._sets[role] = TensorImages(raw["images"], raw["labels"], index, transform)
+            elif raw["canvas"] is not None:
+                shape, labels = raw["shape"], raw["labels"]
+                self._sets[role] = canvases.CanvasImages(raw["canvas"], shape, labels, index)
             else:
                 self._sets[role] = HFImages(raw["table"], self.spec.image_key, raw["labels"], index,
                                             pil_transform(*args), self._mode, h.max_bad_fraction,
@@ -513,3 +547,30 @@ class ImageDataModule(L.LightningDataModule):
     def ood_dataloader(self) -> DataLoader:
         """CAMELYON17's OOD validation split (hospital 1)."""
         return self._loader("ood")
+
+    def to_images(self, batch: dict, train: bool = False) -> dict:
+        """A batch of uint8 canvases (``cache="uint8"``) → the batch of the module docstring, on
+        the canvases' device: RandomResizedCrop + flip when ``train`` (and ``augment``), else the
+        eval center crop (``crop_pct`` as ``pil_transform``: ``image_size / floor(image_size /
+        crop_pct)`` of the short side). Float batches (the other paths) pass through unchanged."""
+        if not isinstance(batch, dict) or getattr(batch.get("image"), "dtype", None) != torch.uint8:
+            return batch
+        h = self.hparams
+        pct = h.image_size / canvases.default_side(h.image_size, h.crop_pct, small=False)
+        transform = BatchTransform(h.image_size, pct, self.spec.small, train and h.augment,
+                                   self.rrc_scale, self.in_chans)
+        # Convex weights, but float sums can overshoot 1 by an ulp: clamp to keep the contract.
+        return {**batch, "image": transform(batch["image"]).clamp_(0, 1)}
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Lightning's hook after each batch reaches the device: ``to_images``, training crops while
+        the trainer trains (each batch's boxes and flips drawn from the device's global RNG).
+
+        Lightning runs only this hook when the LightningModule overrides it too, so the module's
+        own hook runs here, after, on the float images."""
+        trainer = self.trainer
+        batch = self.to_images(batch, train=trainer is not None and trainer.training)
+        module = trainer.lightning_module if trainer is not None else None
+        if module is not None and is_overridden("on_after_batch_transfer", module):
+            batch = module.on_after_batch_transfer(batch, dataloader_idx)
+        return batch

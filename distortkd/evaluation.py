@@ -58,13 +58,13 @@ def load_finetuned(cfg: DictConfig, build_model, num_classes: int) -> FinetuneMo
 
 
 @torch.no_grad()
-def diagnose(encoder: Encoder, teacher: FrozenTeacher, loader, dist, seed: int, max_batches: int, device):
+def diagnose(encoder: Encoder, teacher: FrozenTeacher, datamodule, dist, seed: int, max_batches: int, device):
     """Diagnostics of ``encoder`` (and of the teacher itself) on distorted vs teacher on clean."""
     ours, base = RepresentationMeter(), RepresentationMeter()
-    for i, batch in enumerate(loader):
+    for i, batch in enumerate(datamodule.test_dataloader()):
         if i >= max_batches:
             break
-        x = batch["image"].to(device)
+        x = datamodule.to_images({**batch, "image": batch["image"].to(device)})["image"]
         xd = dist(x, sample_seeds(batch["index"].to(device), seed))
         clean = teacher.features(x)
         ours.update(encoder.features(xd), clean)
@@ -102,7 +102,7 @@ def evaluate_grid(cfg: DictConfig, run_dir: Path, build_model) -> dict:
         row = {"distortion": name, "severity": severity, "acc1": acc}
         if teacher is not None and module.encoder.is_vit:
             module.to(device)
-            row.update(diagnose(module.encoder, teacher, datamodule.test_dataloader(), dist, cfg.seed,
+            row.update(diagnose(module.encoder, teacher, datamodule, dist, cfg.seed,
                                 cfg.diagnostics.max_batches, device))
         rows.append(row)
         metrics[f"{module.test_prefix}/acc1"] = acc
@@ -116,7 +116,7 @@ def evaluate_grid(cfg: DictConfig, run_dir: Path, build_model) -> dict:
 def _save_attention(cfg, run_dir, module, teacher, datamodule, build_model, device) -> None:
     batch = next(iter(datamodule.test_dataloader()))
     k = int(cfg.attention.num_images)
-    images = batch["image"][:k].to(device)
+    images = datamodule.to_images({"image": batch["image"][:k].to(device)})["image"]
     seeds = sample_seeds(batch["index"][:k].to(device), cfg.seed)
     baseline = None
     if cfg.attention.baseline_ckpt:

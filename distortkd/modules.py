@@ -82,8 +82,8 @@ class _Base(L.LightningModule):
         # One host sync per step; the price of never writing a NaN model over a good checkpoint.
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
-                f"loss is {loss.item()} at global step {self.global_step} (epoch {self.current_epoch}); "
-                "stopping. The last good checkpoint is kept; lower the learning rate or use bf16/fp32."
+                f"loss is {loss.item()} at global step {self.global_step} (epoch {self.current_epoch}): "
+                "stopped; lower the learning rate or use bf16/fp32"
             )
 
     def check_finite_weights(self, state: dict[str, Tensor]) -> None:
@@ -91,8 +91,8 @@ class _Base(L.LightningModule):
         bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
         if bad is not None:
             raise NonFiniteLossError(
-                f"weight {bad} is not finite at global step {self.global_step} (epoch {self.current_epoch}); "
-                "stopping before saving it. Lower the learning rate or use bf16/fp32."
+                f"weight {bad} is not finite at global step {self.global_step} (epoch {self.current_epoch}): "
+                "stopped before saving it; lower the learning rate or use bf16/fp32"
             )
 
 
@@ -247,6 +247,7 @@ class FinetuneModule(_Base):
         feats, labels = [], []
         for batch in self.trainer.datamodule.train_dataloader():
             batch = self.transfer_batch_to_device(batch, self.device, 0)
+            batch = self.trainer.datamodule.to_images(batch)  # uint8 canvases (data.cache) → [0, 1]
             x = self.distortion(batch["image"], self.seeds(batch))
             feats.append(F.normalize(self.encoder(x).float(), dim=-1))
             labels.append(batch["label"])

@@ -21,6 +21,7 @@ from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from omegaconf import Container, DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from distortkd.callbacks import AttentionPanels
 from distortkd.errors import UserError
 
 
@@ -108,15 +109,26 @@ class ResumableLoader(DataLoader):
 
     @classmethod
     def like(cls, loader: DataLoader) -> ResumableLoader:
-        """The same loader (dataset, batch size, shuffling, workers), resumable."""
+        """The same loader (dataset, batch size, shuffling, workers), resumable.
+
+        Workers are not persistent: a persistent worker carries its generator from epoch to epoch,
+        which no checkpoint holds; fresh workers are seeded from the main generator at each epoch's
+        first batch (a second or so per epoch), and that ``ResumeState`` restores.
+        """
         return cls(loader.dataset, loader.batch_size, sampler=loader.sampler, num_workers=loader.num_workers,
                    collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
                    timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
-                   generator=loader.generator, prefetch_factor=loader.prefetch_factor,
-                   persistent_workers=loader.persistent_workers)
+                   generator=loader.generator, prefetch_factor=loader.prefetch_factor)
 
     def __iter__(self):
         return self._batches()
+
+    def state_dict(self) -> dict:
+        # Marks the loader resumable for Lightning (no "not resumable" warning); see ResumeState.
+        return {"served": self.served}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass  # ResumeState restores the position: Lightning 2.6 never calls this for it
 
     def _batches(self):
         resume, self.resume = self.resume, None
@@ -166,7 +178,8 @@ class ResumeState(Callback):
         if self._loaded:
             _set_rng_state(self._loaded["rng"])  # an end-of-epoch checkpoint needs nothing more
 
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Not on_train_epoch_start: Lightning does not call it for an epoch it restarts mid-way.
         state, self._loaded = self._loaded, None
         loader = trainer.train_dataloader
         mid_epoch = (state and state["start_rng"] is not None and state["epoch"] == trainer.current_epoch
@@ -228,7 +241,7 @@ def make_loggers(cfg: DictConfig, run_dir: Path) -> list:
     return loggers
 
 
-def check_launch(trainer: L.Trainer) -> None:
+def check_launch(trainer: L.Trainer, multirun: bool) -> None:
     """Refuses Lightning's own multi-process launch inside a Hydra multirun.
 
     That launcher starts each extra process by re-running ``sys.argv`` (``-m`` and every sweep value
@@ -236,14 +249,13 @@ def check_launch(trainer: L.Trainer) -> None:
     by Slurm or torchrun are fine: Lightning then launches nothing.
     """
     launcher = trainer.strategy.launcher
-    if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
-        return
-    if isinstance(launcher, _SubprocessScriptLauncher) and launcher.num_processes > 1:
+    if (multirun and isinstance(launcher, _SubprocessScriptLauncher) and launcher.num_processes > 1
+            and not launcher.cluster_environment.creates_processes_externally):
         raise UserError(
-            f"trainer.strategy={trainer.strategy.strategy_name} with {launcher.num_processes} devices "
-            "cannot be launched by Lightning inside a multirun (-m): it would re-run the whole sweep in "
-            "every process; accepted: hydra/launcher=slurm (one task per device), torchrun, or one "
-            "run per command without -m")
+            f"{type(trainer.strategy).__name__} with {launcher.num_processes} devices cannot be "
+            "launched by Lightning inside a multirun (-m): every process would re-run the whole sweep; "
+            "accepted: hydra/launcher=slurm (one task per device), torchrun, or one run per command "
+            "without -m")
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path, monitor: str, mode: str) -> L.Trainer:
@@ -252,6 +264,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, monitor: str, mode: str) -> L.T
         *checkpoint_callbacks(run_dir, monitor, mode, cfg.checkpoint.every_n_train_steps),
         ResumeState(),
         RichProgressBar() if _interactive() else EpochLine(),
+        AttentionPanels(run_dir, cfg.logger.get("attention_every_n_epochs", 5)),
     ]
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer = instantiate(
@@ -262,7 +275,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, monitor: str, mode: str) -> L.T
         enable_progress_bar=_interactive(),
         plugins=[AtomicCheckpointIO()],
     )
-    check_launch(trainer)
+    check_launch(trainer, HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN)
     if trainer.is_global_zero:  # temp files of saves that were killed mid-write
         for tmp in (run_dir / "checkpoints").glob(".*.ckpt.*.tmp"):
             tmp.unlink(missing_ok=True)

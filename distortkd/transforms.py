@@ -101,9 +101,15 @@ class BatchTransform:
             x = x if flip is None else torch.where(flip[:, None, None, None], x.flip(-1), x)
         else:  # a centred square: the whole short side, or crop_pct of it
             side = min(h, w) * (1.0 if whole else self.crop_pct)
-            box = torch.tensor([(w - side) / 2, (h - side) / 2, side, side], device=x.device)
-            box = box.expand(b, 4)
-            x = resized_crop(x, box, self.size, flip)
+            x0, y0 = (w - self.size) // 2, (h - self.size) // 2
+            if abs(side - self.size) < 1e-6 and (w - self.size) % 2 == (h - self.size) % 2 == 0:
+                # whole pixels at scale 1: a slice is what the matmuls would compute
+                x = x[..., y0:y0 + self.size, x0:x0 + self.size].contiguous()
+                x = x if flip is None else torch.where(flip[:, None, None, None], x.flip(-1), x)
+            else:
+                box = torch.tensor([(w - side) / 2, (h - side) / 2, side, side], device=x.device)
+                box = box.expand(b, 4)
+                x = resized_crop(x, box, self.size, flip)
         return x if x.shape[1] == self.in_chans else x.expand(-1, self.in_chans, -1, -1).clone()
 
 

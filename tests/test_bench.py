@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import time
 
 import pytest
@@ -33,16 +34,18 @@ def parse_table(out: str) -> dict[str, dict[str, float | None]]:
 
 
 def run_cli(capsys, tmp_path, argv: list[str]) -> tuple[str, dict, dict]:
-    path = tmp_path / "bench.json"
-    assert bench.main([*argv, *FAST, "--json", str(path)]) == 0
+    """Runs ``distortkd-bench argv`` fast; checks the command line heads the output and the JSON."""
+    full = [*argv, *FAST, "--json", str(tmp_path / "bench.json")]
+    assert bench.main(full) == 0
     out = capsys.readouterr().out
-    return out, parse_table(out), json.loads(path.read_text())
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert out.splitlines()[0] == "$ " + data["env"]["command"] == "$ " + shlex.join(["distortkd-bench", *full])
+    return out, parse_table(out), data
 
 
-def check_report(out: str, rows: dict, data: dict, argv: list[str], variants: list[str]) -> None:
-    assert out.splitlines()[0] == "$ distortkd-bench " + " ".join([*argv, *FAST]) + " --json " + (
-        data["env"]["command"].rsplit(" ", 1)[1])
-    for key in ("device:", "torch:", "dtype:", "batch:", "image_size:", "model:", "warmup:"):
+def check_report(out: str, rows: dict, data: dict, variants: list[str]) -> None:
+    """The table has exactly ``variants``, positive figures, and the JSON holds the same numbers."""
+    for key in ("device:", "torch:", "dtype:", "batch:", "image_size:", "model:", "warmup:", "iters:"):
         assert any(line.startswith(key) for line in out.splitlines()), key
     assert list(rows) == variants
     assert [r["variant"] for r in data["results"]] == variants
@@ -58,10 +61,10 @@ def check_report(out: str, rows: dict, data: dict, argv: list[str], variants: li
 def test_taps_table(capsys, tmp_path):
     argv = ["taps", "--batch", "4"]
     out, rows, data = run_cli(capsys, tmp_path, argv)
-    check_report(out, rows, data, argv,
-                 ["forward_features", "extract_features", "extract_features[no_attn]"])
+    check_report(out, rows, data, ["forward_features", "extract_features", "extract_features[no_attn]"])
     ratio = data["summary"]["ratio_extract/plain"]
-    assert ratio == pytest.approx(rows["extract_features"]["median_ms"] / rows["forward_features"]["median_ms"], rel=2e-3)
+    medians = rows["extract_features"]["median_ms"] / rows["forward_features"]["median_ms"]
+    assert ratio == pytest.approx(medians, rel=2e-3)
     assert f"ratio_extract/plain: {ratio:.3f}" in out
 
 
@@ -69,11 +72,12 @@ def test_taps_table(capsys, tmp_path):
 def test_step_table(capsys, tmp_path):
     argv = ["step", "--batch", "4", "--peak-tflops", "1"]
     out, rows, data = run_cli(capsys, tmp_path, argv)
-    check_report(out, rows, data, argv, ["supervised", "distill", "distill[no_attn]"])
+    check_report(out, rows, data, ["supervised", "distill", "distill[no_attn]"])
     flops = {name: row["GFLOP/img"] for name, row in rows.items()}
     # The teacher's forward is extra work: distillation costs more FLOPs than fine-tuning.
     assert flops["distill"] > flops["distill[no_attn]"] > flops["supervised"] > 0
-    assert all(row["MFU_%"] > 0 for row in rows.values())
+    for name, row in rows.items():  # --peak-tflops 1: MFU % = GFLOP/img * img/s / 1000 * 100
+        assert row["MFU_%"] == pytest.approx(row["GFLOP/img"] * row["img/s"] / 10, rel=2e-3), name
     assert data["summary"]["ratio_distill/supervised"] > 0
 
 
@@ -82,7 +86,7 @@ def test_distort_table_with_step(capsys, tmp_path):
     argv = ["distort", "--batch", "8", "--with-step", "--model", "vit_small_patch16_224"]
     out, rows, data = run_cli(capsys, tmp_path, argv)
     variants = [v for name in PRESETS for v in (name, name + "+seeds")]
-    check_report(out, rows, data, argv, variants)
+    check_report(out, rows, data, variants)
     step_ips = data["summary"]["step_ips"]
     assert step_ips > 0
     for name, row in rows.items():
@@ -94,7 +98,7 @@ def test_data_table(capsys, tmp_path):
     pytest.importorskip("distortkd.data", reason="distortkd/data.py is not written yet")
     argv = ["data", "--batch", "8", "--workers", "0,1", "--num-images", "100"]
     out, rows, data = run_cli(capsys, tmp_path, argv)
-    check_report(out, rows, data, argv, ["workers=0", "workers=1"])
+    check_report(out, rows, data, ["workers=0", "workers=1"])
     assert all(row["stream_img/s"] > 0 for row in rows.values())
 
 

@@ -75,7 +75,7 @@ def pipeline(tmp_path_factory):
     """distill -> finetune(init=auto) -> evaluate(ckpt=auto), in-process, tiny."""
     root = tmp_path_factory.mktemp("runs")
     out = {}
-    for task, extra in [("distill", []), ("finetune", ["method=ours"]), ("finetune", ["method=supervised"]),
+    for task, extra in [("distill", ["logger.attention_every_n_epochs=1"]), ("finetune", ["method=ours"]), ("finetune", ["method=supervised"]),
                         ("evaluate", ["method=ours", "severities.gaussian_noise=[0.2,0.8]",
                                       "attention.num_images=4"])]:
         cfg = _compose(task, TINY + ["distortion=noise_strong"] + extra, root)
@@ -91,8 +91,11 @@ def test_distill_checkpoint_has_student_only(pipeline):
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     keys = ckpt["state_dict"].keys()
     assert any(k.startswith("student.") for k in keys) and not any(k.startswith("teacher.") for k in keys)
-    for key in ("val/loss", "val/cos_clean", "val/cos_clean_baseline", "val/loss/attn", "val/attn_kl"):
+    for key in ("val/loss", "val/cos_clean", "val/cos_clean_baseline", "val/loss/attn", "val/attn_kl",
+                "val/diag/student/cka_cls", "val/diag/teacher/attn_iou", "val/diag/student/cos_patch"):
         assert key in metrics, key
+    png = run_dir / "attention" / "epoch_001.png"  # the per-epoch attention panel
+    assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_finetune_from_distilled_and_from_pretrained(pipeline):
