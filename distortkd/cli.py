@@ -180,6 +180,8 @@ def _main(cfg: DictConfig, run) -> float:
         if (done := _finished(cfg, run_dir)) is not None:
             return float(done.get(cfg.optimize_metric, math.nan))
         L.seed_everything(cfg.seed, workers=True, verbose=False)
+        if cfg.get("threads"):
+            torch.set_num_threads(int(cfg.threads))
         if _rank_zero():  # in this order: the other DDP ranks read config.yaml, then metrics.json
             (run_dir / "metrics.json").unlink(missing_ok=True)
             write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
