@@ -1,12 +1,11 @@
 """Throughput benchmarks: ``distortkd-bench taps|step|distort|data`` (also ``python -m distortkd.bench``).
 
 Each sub-command prints the exact command line, the environment, and one table row per variant:
-median ms per iteration over ``--iters`` timed iterations after ``--warmup`` untimed ones, images/s
-(batch / median) and peak memory. Variants are timed interleaved (A B, B A, A B, ...) so that clock
-and thermal drift hit every variant alike. ``--json PATH`` writes the same figures.
-
-Models are timm names built with random weights (``pretrained=False``): throughput does not depend on
-the weights, and the benchmark needs no network.
+median and minimum wall ms per iteration over ``--iters`` timed iterations after ``--warmup``
+untimed ones, median process CPU ms (CPU device), images/s (batch / median wall ms) and peak memory.
+Variants are timed interleaved (A B, B A, A B, ...) so drift hits every variant alike, and ratios
+are also given per round. ``--json PATH`` writes the same figures. Models are timm names with random
+weights (``pretrained=False``): throughput does not depend on them, and nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -28,7 +27,9 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor, nn
 from torch.utils import flop_counter
 
@@ -42,10 +43,8 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # --tiny: a ViT of a few tens of thousands of parameters, for the tests.
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity); the first substring of the device name wins.
-PEAK_BF16_TFLOPS = (
-    ("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("B200", 2250.0),
-    ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10", 125.0),
-)
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("B200", 2250.0),
+                    ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10", 125.0))
 MEM_NOTE = {"cuda": "peak_MiB: torch.cuda.max_memory_allocated during the variant's own calls",
             "cpu": "peak_MiB: process max RSS (ru_maxrss) after the variant's warm-up, cumulative "
                    "over the rows above it (only increases are the variant's)"}
@@ -86,6 +85,10 @@ class Bench:
 
     def autocast(self):
         return nullcontext() if self.dtype is None else torch.autocast(self.device.type, self.dtype)
+
+    def infer(self, fn: Callable, *args) -> None:
+        with torch.no_grad(), self.autocast():
+            fn(*args)
 
     def sync(self, reset_peak: bool = False) -> None:
         if self.device.type == "cuda":
@@ -144,7 +147,7 @@ def ratios(label: str, a: Result, b: Result) -> dict[str, float]:
     paired = statistics.median(t / u for t, u in zip(a.ms, b.ms, strict=True))
     out = {f"ratio_{label}": a.median_ms / b.median_ms, f"ratio_{label}_paired": paired,
            f"ratio_{label}_min": min(a.ms) / min(b.ms)}
-    if a.cpu_ms and b.cpu_ms:
+    if a.cpu_ms and b.cpu_ms:  # with --threads 1; OpenMP threads spin while a sibling waits
         out[f"ratio_{label}_cpu"] = statistics.median(a.cpu_ms) / statistics.median(b.cpu_ms)
     return out
 
@@ -155,12 +158,7 @@ def cmd_taps(b: Bench) -> tuple[list[Result], dict]:
     fns = {"forward_features": model.forward_features,
            "extract_features": partial(extract_features, model),
            "extract_features[no_attn]": partial(extract_features, model, with_attn=False)}
-
-    def run(fn):
-        with torch.no_grad(), b.autocast():
-            fn(x)
-
-    fns = {k: partial(run, torch.compile(f) if b.args.compile else f) for k, f in fns.items()}
+    fns = {k: partial(b.infer, torch.compile(f) if b.args.compile else f, x) for k, f in fns.items()}
     res = b.measure(fns, b.args.batch)
     a, p = res["extract_features"], res["forward_features"]
     summary = {**ratios("extract/plain", a, p), "target_max": 1.03}
@@ -283,17 +281,11 @@ def measure_step_ips(b: Bench) -> float:
 
 def cmd_distort(b: Bench) -> tuple[list[Result], dict]:
     """Every preset with the global generator and with per-sample seeds, vs the model step."""
-    x = b.images()
-    seeds = torch.arange(b.args.batch, device=b.device) * 1_000_003
-
-    def run(d: Distortion, s: Tensor | None):
-        with torch.no_grad(), b.autocast():
-            d(x, s)
-
+    x, seeds = b.images(), torch.arange(b.args.batch, device=b.device) * 1_000_003
     fns = {}
     for name in PRESETS:
         d = build(name)
-        fns[name], fns[name + "+seeds"] = partial(run, d, None), partial(run, d, seeds)
+        fns[name], fns[name + "+seeds"] = partial(b.infer, d, x, None), partial(b.infer, d, x, seeds)
     res = b.measure(fns, b.args.batch)
     step_ips = measure_step_ips(b) if b.args.with_step else b.args.step_ips
     if step_ips:
@@ -306,9 +298,6 @@ def cmd_distort(b: Bench) -> tuple[list[Result], dict]:
 
 def write_imagefolder(root: Path, n: int, classes: int, size=(500, 400)) -> Path:
     """Writes ``n`` random-texture JPEGs (~500×400) in ``classes`` folders under ``root/train``."""
-    import numpy as np
-    from PIL import Image
-
     rng = np.random.default_rng(0)
     for i in range(n):
         folder = root / "train" / f"class_{i % classes:03d}"
@@ -343,9 +332,7 @@ def cmd_data(b: Bench) -> tuple[list[Result], dict]:
 
 def time_loader(b: Bench, loader) -> Result:
     """Times ``--iters`` batches after ``--warmup`` (worker start-up), looping over epochs.
-
-    Read ``stream_img/s`` (images / total time): workers prefetch, so one batch's time means little.
-    """
+    Read ``stream_img/s`` (images / total time): workers prefetch, so one batch's time means little."""
     it = (batch for _ in iter(int, 1) for batch in loader)  # endless; workers persist
     for _ in range(max(1, b.args.warmup)):
         next(it)

@@ -81,7 +81,7 @@ def severity_figure(
     for ax, name in zip(axes, names, strict=True):
         _lines(ax, rows[rows["distortion"].eq(name)], "severity", metric)
         ax.set(title=title(name), xlabel="severity", ylabel="accuracy (%)")
-    axes[0].legend(fontsize="small")
+        ax.legend(fontsize="small")  # each panel may hold other models (one student per family)
     return _save(fig, path)
 
 
