@@ -330,9 +330,14 @@ class Corruption(Distortion):
         return CORRUPTIONS[self.name](images, self.severity, draw)
 
 
-def heldout_suite() -> list[Corruption]:
-    """Every corruption at every severity, in ``HELDOUT`` order, levels 1..5 within each."""
-    return [Corruption(name, level) for name in HELDOUT for level in LEVELS]
+RGB_ONLY = ("saturate",)  # colour corruptions: undefined for one-channel images
+
+
+def heldout_suite(in_chans: int = 3) -> list[Corruption]:
+    """Every corruption at every severity, in ``HELDOUT`` order, levels 1..5 within each
+    (colour-only corruptions left out for one-channel models)."""
+    names = [n for n in HELDOUT if in_chans == 3 or n not in RGB_ONLY]
+    return [Corruption(name, level) for name in names for level in LEVELS]
 
 
 DISTORTIONS["corruption"] = Corruption  # build("corruption", name="shot_noise", severity=3)

@@ -212,7 +212,7 @@ class GaussianBlur(Distortion):
             )
 
     def apply(self, images: Tensor, draw: _Draw) -> Tensor:
-        sigma = torch.tensor([self.sigma], device=images.device)
+        sigma = torch.full((1,), float(self.sigma), device=images.device)  # no host-to-device copy
         return _separable_blur(images, _blur_kernel(self.kernel_size, sigma, self.kernel_size))
 
     @property

@@ -27,7 +27,7 @@ def grid_cells(cfg: DictConfig) -> list[tuple[str, float, distortions.Distortion
     if cfg.suite == "heldout":
         from distortkd.corruptions import heldout_suite
 
-        return [(c.name, c.severity, c) for c in heldout_suite()]
+        return [(c.name, c.severity, c) for c in heldout_suite(cfg.model.in_chans)]
     if cfg.suite != "paper":
         raise UserError(f"unknown evaluation suite {cfg.suite!r}; accepted: heldout, paper")
     cells = []

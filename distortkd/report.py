@@ -535,7 +535,8 @@ TABLES = {"table1": table1, "table2": table2, "table3": table3, "heldout": heldo
           "mixed": mixed, "knn": knn, "robustness": robustness}
 FIGURES = ("severity", "labels", "attention")
 LAYOUTS = {"paper": ("table1", "table2", "table3", "heldout", "diagnostics", *FIGURES),
-           "demo": ("demo", "representation", "robustness", "diagnostics", "knn", "mixed", *FIGURES)}
+           "demo": ("demo", "representation", "robustness", "diagnostics", "knn", "mixed", "heldout",
+                    *FIGURES)}
 ALIASES = {"fig2": "severity", "fig3": "labels", "fig4": "attention"}
 
 

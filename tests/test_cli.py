@@ -165,3 +165,22 @@ def test_console_script_writes_run_folder(tmp_path):
     bad = subprocess.run([str(exe), *TINY, "distortion.params.sigma=-2"], env=env, capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: noise sigma -2")
+
+
+def test_heldout_suite_cells_follow_the_model_channels():
+    from distortkd.evaluation import grid_cells
+
+    rgb = grid_cells(_compose("evaluate", ["suite=heldout"]))
+    grey = grid_cells(_compose("evaluate", ["suite=heldout", "model=demo_vit"]))
+    assert len(rgb) == 60 and {s for _, s, _ in rgb} == {1, 2, 3, 4, 5}
+    assert len(grey) == 55 and "saturate" not in {n for n, _, _ in grey}
+
+
+def test_contrastive_inversion_distill_on_a_cnn(tmp_path):
+    """The CI baseline's real config (CLIP RN101, random init): projection head kept, InfoNCE."""
+    cfg = _compose("distill", TINY + ["model=clip_rn101", "model.pretrained=false", "model.img_size=32",
+                                      "loss=contrastive", "method=ci", "data.limit_train=32",
+                                      "data.limit_eval=16"], tmp_path)
+    metrics = cli.run_distill(cfg, tmp_path / "run")
+    assert {"val/loss", "val/loss/nce", "val/cos_clean", "val/cos_clean_baseline"} <= set(metrics)
+    assert "val/attn_kl" not in metrics

@@ -13,7 +13,7 @@ export DISTORTKD_RUNS=${DISTORTKD_RUNS:-experiments/demo/runs}
 OUT=${DEMO_OUT:-experiments/demo}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-fast=() teacher=() distill=() finetune=() evaluate=() knn=()
+fast=() teacher=() distill=() finetune=() evaluate=() knn=() heldout=()
 if [ "$FAST" = 1 ]; then  # a smoke run of every stage on a few cells (what the slow test runs)
   fast=(data.limit_train=1000 data.limit_eval=500 trainer.max_epochs=1 trainer.limit_val_batches=1)
   teacher=(trainer.max_steps=20)
@@ -21,6 +21,7 @@ if [ "$FAST" = 1 ]; then  # a smoke run of every stage on a few cells (what the 
   finetune=(distortion=noise_strong data.label_fraction=0.5 trainer.max_steps=5)
   evaluate=(distortion=noise_strong data.label_fraction=0.5)
   knn=(distortion=noise_strong pretrain.distortion=noise_strong,mixed_demo)
+  heldout=(data.label_fraction=0.5 method=ours)
 fi
 
 start=$(date +%s)
@@ -33,6 +34,8 @@ step "3/5 fine-tuning on distorted images, 1 % and 10 % labels: supervised basel
 $BIN/distortkd-finetune -m experiment=demo_finetune seed="$seeds" "${fast[@]}" "${finetune[@]}"
 step "4/5 evaluation on the 10k test images, training severity and beyond"
 $BIN/distortkd-evaluate -m experiment=demo_evaluate seed="$seeds" "${fast[@]}" "${evaluate[@]}"
+step "4b held-out ImageNet-C style corruptions for the noise-trained models (2k test images)"
+$BIN/distortkd-evaluate -m experiment=demo_heldout seed="$seeds" "${fast[@]}" "${heldout[@]}"
 step "5/5 k-NN: every student (per-distortion and mixed) on every distortion family"
 $BIN/distortkd-finetune -m experiment=demo_knn seed="$seeds" "${fast[@]}" "${knn[@]}"
 step "report"
