@@ -114,8 +114,9 @@ def run_finetune(cfg: DictConfig, run_dir: Path) -> dict:
     datamodule = resumable(instantiate(cfg.data))
     datamodule.prepare_data()
     datamodule.setup("fit")
-    encoder = build_model(cfg.model, pretrained=None if resolve_init(cfg) is None else False)
-    if (init := resolve_init(cfg)) is not None:
+    init = resolve_init(cfg)
+    encoder = build_model(cfg.model, pretrained=None if init is None else False)
+    if init is not None:
         load_encoder_weights(encoder, init)
     module = FinetuneModule(
         encoder, datamodule.num_classes, build_distortion(cfg.distortion),
