@@ -29,6 +29,7 @@ from distortkd.modules import (
     FinetuneModule,
     NonFiniteLossError,
     load_encoder_weights,
+    run_checkpoint,
 )
 from distortkd.training import make_trainer, resumable, write_json, write_text
 from distortkd.vit import build_encoder
@@ -88,9 +89,8 @@ def resolve_init(cfg: DictConfig) -> str | None:
     if cfg.init != "auto":
         return str(cfg.init)
     run = Path(cfg.pretrain.run_dir)
-    for name in ("best.ckpt", "last.ckpt"):
-        if (run / "checkpoints" / name).is_file():
-            return str(run / "checkpoints" / name)
+    if (ckpt := run_checkpoint(run)) is not None:
+        return str(ckpt)
     raise UserError(f"init=auto found no distilled student in {run}/checkpoints; run the distill "
                     "job first or pass init=/path/to/student.ckpt")
 

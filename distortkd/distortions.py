@@ -122,6 +122,18 @@ def _odd_kernel(sigma: float | Tensor) -> Tensor | int:
     return 2 * round(2 * sigma) + 1
 
 
+def _mask(images: Tensor, ratio: float | Tensor, draw: _Draw) -> Tensor:
+    """Zeroes each pixel (all channels) with probability ``ratio`` (a number or ``[B, 1, 1, 1]``)."""
+    keep = draw.uniform(1, *images.shape[2:], stream=1) >= ratio
+    return images * keep.to(images.dtype)
+
+
+def _noise(images: Tensor, sigma: float | Tensor, draw: _Draw, clip: bool = True) -> Tensor:
+    """Adds N(0, σ²) in pixel-value units (σ a number or ``[B, 1, 1, 1]``), then clamps."""
+    noisy = images.float() + sigma * draw.normal(*images.shape[1:], stream=2)
+    return (noisy.clamp(0.0, 1.0) if clip else noisy).to(images.dtype)
+
+
 @dataclass(frozen=True)
 class Distortion:
     """Base class: a named, parametrised, batched image corruption."""
@@ -161,8 +173,7 @@ class Mask(Distortion):
             raise UserError(f"mask ratio {self.ratio} is out of range; accepted: 0 <= ratio < 1")
 
     def apply(self, images: Tensor, draw: _Draw) -> Tensor:
-        keep = draw.uniform(1, *images.shape[2:], stream=1) >= self.ratio
-        return images * keep.to(images.dtype)
+        return _mask(images, self.ratio, draw)
 
     @property
     def severity(self) -> float:
@@ -182,8 +193,7 @@ class GaussianNoise(Distortion):
             raise UserError(f"noise sigma {self.sigma} is out of range; accepted: sigma >= 0")
 
     def apply(self, images: Tensor, draw: _Draw) -> Tensor:
-        noisy = images.float() + self.sigma * draw.normal(*images.shape[1:], stream=2)
-        return (noisy.clamp(0.0, 1.0) if self.clip else noisy).to(images.dtype)
+        return _noise(images, self.sigma, draw, self.clip)
 
     @property
     def severity(self) -> float:
@@ -279,11 +289,9 @@ class Mixed(Distortion):
         for i, fam in enumerate(self.families):
             pick = (choice == i).view(shape)
             if fam == "mask":
-                keep = draw.uniform(1, *images.shape[2:], stream=1) >= severity.view(shape)
-                result = images * keep.to(images.dtype)
+                result = _mask(images, severity.view(shape), draw)
             elif fam == "gaussian_noise":
-                noise = draw.normal(*images.shape[1:], stream=2) * severity.view(shape)
-                result = (images.float() + noise).clamp(0, 1).to(images.dtype)
+                result = _noise(images, severity.view(shape), draw)
             elif fam == "gaussian_blur":
                 sig = severity.clamp_min(self.blur_sigma[0])
                 width = int(_odd_kernel(self.blur_sigma[1]))

@@ -65,11 +65,12 @@ class Run:
 
 def resolve_checkpoint(source: str | Path) -> Path:
     """The checkpoint ``source`` names: a ``.ckpt`` file, or a run folder's best (else last) one."""
+    from distortkd.modules import run_checkpoint  # Lightning: only needed for checkpoints
+
     path = Path(source)
     if path.is_dir():
-        for name in ("best.ckpt", "last.ckpt"):
-            if (path / "checkpoints" / name).is_file():
-                return path / "checkpoints" / name
+        if (ckpt := run_checkpoint(path)) is not None:
+            return ckpt
         raise UserError(f"run folder {str(path)!r} has no checkpoints/best.ckpt or checkpoints/last.ckpt")
     if not path.is_file():
         raise UserError(f"checkpoint {str(path)!r} does not exist")

@@ -277,6 +277,14 @@ def architecture(encoder: Encoder) -> dict:
             "mean": encoder.mean.flatten().tolist(), "std": encoder.std.flatten().tolist()}
 
 
+def run_checkpoint(run_dir: str | Path) -> Path | None:
+    """A run folder's ``checkpoints/best.ckpt``, else ``last.ckpt``, else None."""
+    for name in ("best.ckpt", "last.ckpt"):
+        if (path := Path(run_dir) / "checkpoints" / name).is_file():
+            return path
+    return None
+
+
 def load_encoder_weights(encoder: Encoder, path: str | Path) -> dict:
     """Loads a distilled student (or a fine-tuned backbone) checkpoint into ``encoder``.
 
