@@ -265,6 +265,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, monitor: str, mode: str) -> L.T
         ResumeState(),
         RichProgressBar() if _interactive() else EpochLine(),
         AttentionPanels(run_dir, cfg.logger.get("attention_every_n_epochs", 5)),
+        *(instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None),
     ]
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer = instantiate(

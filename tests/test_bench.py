@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
-import time
+import types
 
 import pytest
 import torch
@@ -102,21 +102,22 @@ def test_data_table(capsys, tmp_path):
     assert all(row["stream_img/s"] > 0 for row in rows.values())
 
 
-def test_measure_interleaves_and_takes_median():
+def test_measure_interleaves_and_takes_median(monkeypatch):
     args = bench._parser().parse_args(["taps", "--iters", "4", "--warmup", "1"])
     b = bench._bench(args)
-    calls = []
+    calls, now = [], [0.0]  # a fake clock: each call takes exactly its seconds, whatever the load
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: now[0], process_time=lambda: now[0]))
 
     def fn(name, seconds):
         calls.append(name)
-        time.sleep(seconds)
+        now[0] += seconds
 
     res = b.measure({"a": lambda: fn("a", 0.002), "b": lambda: fn("b", 0.02)}, batch=10)
     # Warm-up A, warm-up B, then rounds that alternate their order.
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
     assert len(res["a"].ms) == len(res["b"].ms) == 4
-    assert 15 < res["b"].median_ms < 60 and res["a"].median_ms < res["b"].median_ms
-    assert res["b"].ips == pytest.approx(10 / res["b"].median_ms * 1e3)
+    assert res["b"].median_ms == pytest.approx(20) and res["a"].median_ms == pytest.approx(2)
+    assert res["b"].ips == pytest.approx(10 / 20 * 1e3)
 
 
 def test_unknown_model_is_one_line_error(capsys):

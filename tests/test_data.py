@@ -245,7 +245,7 @@ def test_offline_without_local_copy_fails_at_once_in_one_line(tmp_path, monkeypa
     start = time.perf_counter()
     with pytest.raises(UserError) as err:
         dm.prepare_data()
-    assert time.perf_counter() - start < 5
+    assert time.perf_counter() - start < 15  # not the minutes of network retries
     message = str(err.value)
     assert "\n" not in message and "uoft-cs/cifar10" in message and "data.path" in message
 

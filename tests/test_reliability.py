@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import lightning as L
@@ -32,8 +31,12 @@ ANY_DATA = [a for a in TINY if not a.startswith("data=")]  # TINY without its da
 BLUR = ["distortion=blur_weak", "distortion.params.kernel_size=5", "distortion.params.sigma=1.0"]
 
 
-def _env(root: Path) -> dict:
-    return {**os.environ, "DISTORTKD_RUNS": str(root), "CI": "1", "PYTHONUNBUFFERED": "1"}
+def _env(root: Path, tests: bool = False) -> dict:
+    """The CLIs' environment; ``tests`` puts this folder on the path (for ``faults``)."""
+    env = {**os.environ, "DISTORTKD_RUNS": str(root), "CI": "1", "PYTHONUNBUFFERED": "1"}
+    if tests:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), env.get("PYTHONPATH")]))
+    return env
 
 
 def _cli(entry: str, args: list[str], monkeypatch, capsys) -> tuple[int, str]:
@@ -133,17 +136,20 @@ def test_run_killed_mid_epoch_resumes_to_the_same_weights_and_metrics(tmp_path):
     args = [*TINY, "data.limit_train=96", "data.limit_eval=32", "trainer.max_epochs=2", "seed=3",
             "checkpoint.every_n_train_steps=1", "trainer.deterministic=true"]  # 6 steps per epoch
     exe = str(BIN / "distortkd-distill")
-    whole = subprocess.Popen([exe, *args], env=_env(tmp_path / "whole"), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
-    killed = subprocess.Popen([exe, *args], env=_env(tmp_path / "killed"), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    step = _kill_after_step(killed, tmp_path / "killed", 2)
-    assert step % 6 != 0, f"killed at step {step}, an epoch boundary: not a mid-epoch resume"
+    log = (tmp_path / "whole.log").open("w")  # a file, not a pipe: nobody reads it while this runs
+    whole = subprocess.Popen([exe, *args], env=_env(tmp_path / "whole"), stdout=subprocess.DEVNULL, stderr=log)
+    die = ["+callbacks.die._target_=faults.KillAtStep", "+callbacks.die.step=3"]  # mid-epoch 1
+    killed = subprocess.run([exe, *args, *die], env=_env(tmp_path / "killed", tests=True),
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    (last,) = (tmp_path / "killed").glob("test/distill/*/checkpoints/last.ckpt")
+    assert torch.load(last, weights_only=True)["global_step"] == 3
     resumed = subprocess.run([exe, *args], env=_env(tmp_path / "killed"), capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stderr
-    assert whole.wait(timeout=300) == 0, whole.stderr.read()[-3000:]
+    assert whole.wait(timeout=300) == 0, (tmp_path / "whole.log").read_text()[-3000:]
+    log.close()
     runs = [_run_folder(tmp_path / name) for name in ("whole", "killed")]
     metrics = [json.loads((r / "metrics.json").read_text()) for r in runs]
     assert metrics[0] == metrics[1] and metrics[0]["status"] == "ok" and "val/loss" in metrics[0]
@@ -151,25 +157,6 @@ def test_run_killed_mid_epoch_resumes_to_the_same_weights_and_metrics(tmp_path):
     assert weights[0]["global_step"] == weights[1]["global_step"] == 12
     for key, value in weights[0]["state_dict"].items():
         assert torch.equal(value, weights[1]["state_dict"][key]), key
-
-
-def _kill_after_step(proc: subprocess.Popen, root: Path, k: int) -> int:
-    """SIGKILLs ``proc`` once its ``last.ckpt`` holds step >= k; returns the step on disk then."""
-    deadline, seen = time.monotonic() + 240, None
-    while time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-        found = list(root.glob("test/distill/*/checkpoints/last.ckpt"))
-        if not found or found[0].stat().st_mtime_ns == seen:
-            continue
-        seen = found[0].stat().st_mtime_ns
-        if torch.load(found[0], weights_only=True)["global_step"] >= k:
-            os.kill(proc.pid, signal.SIGSTOP)  # freeze, so the file read next is the one it dies with
-            step = torch.load(found[0], weights_only=True)["global_step"]
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return step
-    proc.kill()
-    raise AssertionError(f"run ended or timed out before step {k} (exit {proc.poll()})")
 
 
 # ------------------------------------------------------------------ bad input through the CLIs
