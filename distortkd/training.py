@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import sys
@@ -14,8 +15,10 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from omegaconf import Container, DictConfig, OmegaConf
@@ -177,6 +180,8 @@ class ResumeState(Callback):
         self._loaded = checkpoint.get("resume_state")
         if self._loaded:
             _set_rng_state(self._loaded["rng"])  # an end-of-epoch checkpoint needs nothing more
+        if writer := _csv_writer(trainer):
+            writer.resume_step = checkpoint["global_step"]
 
     def on_train_start(self, trainer, pl_module) -> None:
         # Not on_train_epoch_start: Lightning does not call it for an epoch it restarts mid-way.
@@ -229,11 +234,65 @@ def _interactive() -> bool:
     return sys.stdout.isatty() and not os.environ.get("CI")
 
 
+class _ResumableCSVWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that a resumed run keeps the rows logged before its checkpoint.
+
+    Lightning's deletes an existing ``metrics.csv`` when created, so a resumed run lost every row
+    logged before the kill. This one keeps the rows with ``step < resume_step`` (the checkpoint's
+    global step, set by ``ResumeState``; None on a fresh start keeps nothing). Lightning logs batch
+    ``b`` at step ``b`` and an epoch's validation at its last batch's step; a checkpoint saved at
+    that last batch is followed by validation rows that the resumed run logs again, so a new row
+    replaces a kept one with the same step and the same metric names.
+    """
+
+    def __init__(self, log_dir: str):
+        self.resume_step: int | None = None
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:  # called by __init__, where Lightning's deletes the file
+        self._previous = []
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self._previous = [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+    def save(self) -> None:
+        if self.metrics and self._previous is not None:  # the first rows of this process
+            new = {_row_id(row) for row in self.metrics}
+            kept = [row for row in self._previous if self.resume_step is not None
+                    and int(row["step"]) < self.resume_step and _row_id(row) not in new]
+            self.metrics, self._previous = kept + self.metrics, None
+            if self._fs.isfile(self.metrics_file_path):
+                self._fs.rm_file(self.metrics_file_path)
+        super().save()
+
+
+def _row_id(row: dict) -> tuple:
+    return int(row["step"]), frozenset(k for k in row if k not in ("step", "epoch"))
+
+
+class ResumableCSVLogger(CSVLogger):
+    """``CSVLogger`` whose ``metrics.csv`` survives a resume (see ``_ResumableCSVWriter``)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> _ResumableCSVWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ResumableCSVWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+def _csv_writer(trainer: L.Trainer) -> _ResumableCSVWriter | None:
+    if not trainer.is_global_zero:
+        return None
+    return next((lg.experiment for lg in trainer.loggers if isinstance(lg, ResumableCSVLogger)), None)
+
+
 def make_loggers(cfg: DictConfig, run_dir: Path) -> list:
     """CSV always (the report reads run folders, not W&B); W&B when ``logger=wandb``."""
     if cfg.logger.get("kind") == "none":
         return []
-    loggers = [CSVLogger(save_dir=str(run_dir), name="csv", version="")]
+    loggers = [ResumableCSVLogger(save_dir=str(run_dir), name="csv", version="")]
     if cfg.logger.get("kind") == "wandb":
         from distortkd.wandb_utils import make_wandb_logger
 

@@ -8,6 +8,7 @@ data, corrupt images (test_data.py); wrong-architecture ``.ckpt`` (test_cli.py).
 mistakes go through the real entry points: one ``error: ...`` line and exit code 2.
 """
 
+import csv
 import json
 import os
 import signal
@@ -88,6 +89,25 @@ def test_checkpoint_write_is_atomic_and_loads_weights_only(tmp_path, monkeypatch
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
 
 
+@pytest.mark.parametrize("resume_step", [None, 6])
+def test_csv_log_keeps_rows_before_the_resumed_checkpoint(tmp_path, resume_step):
+    old = training.ResumableCSVLogger(save_dir=str(tmp_path), name="csv", version="")
+    for step in range(6):
+        old.log_metrics({"train/loss": float(step)}, step=step)
+    old.log_metrics({"val/loss": 9.0}, step=5)  # an epoch's validation, at its last batch's step
+    old.log_metrics({"train/loss": 7.0}, step=6)  # logged after the checkpoint at global step 6
+    old.save()
+    new = training.ResumableCSVLogger(save_dir=str(tmp_path), name="csv", version="")
+    new.experiment.resume_step = resume_step
+    new.log_metrics({"val/loss": 8.0}, step=5)  # validation run again on resume: replaces the old row
+    new.log_metrics({"train/loss": 6.5}, step=6)
+    new.save()
+    with open(tmp_path / "csv" / "metrics.csv") as f:
+        rows = [(int(r["step"]), r["train/loss"] or r["val/loss"]) for r in csv.DictReader(f)]
+    kept = [(s, f"{float(s)}") for s in range(6)] if resume_step else []
+    assert rows == [*kept, (5, "8.0"), (6, "6.5")]
+
+
 class _Toy(L.LightningModule):
     """A linear model whose validation loss only gets worse: ``best.ckpt`` stays at epoch 1."""
 
@@ -157,6 +177,8 @@ def test_run_killed_mid_epoch_resumes_to_the_same_weights_and_metrics(tmp_path):
     assert weights[0]["global_step"] == weights[1]["global_step"] == 12
     for key, value in weights[0]["state_dict"].items():
         assert torch.equal(value, weights[1]["state_dict"][key]), key
+    logs = [(r / "csv" / "metrics.csv").read_text().splitlines() for r in runs]  # rows before the kill kept
+    assert logs[0] == logs[1] and len(logs[0]) > 12, logs
 
 
 # ------------------------------------------------------------------ bad input through the CLIs
