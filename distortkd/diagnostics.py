@@ -7,6 +7,8 @@ Keys are bare (``cos_cls``, ...); callers namespace them (``test/<distortion>/<s
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -132,6 +134,11 @@ class RepresentationMeter:
     feature-space form needs only the sums of x, y, xxᵀ, yyᵀ and xyᵀ, so those are accumulated
     exactly, on the features' device in float64: 8·(D1² + D2² + D1·D2) bytes (14 MB at D = 768),
     for any number of samples, with no sample cap and no host sync until ``compute()``.
+
+    Under DDP each process sees its shard; ``compute(gather)`` merges every process's ``state()``
+    (counts, means and centred moments, combined as in Chan et al.'s parallel variance), so the
+    result equals one process over the whole set. Every process must have seen at least one batch
+    (Lightning's distributed sampler pads the shards to equal length).
     """
 
     def __init__(self, tau: float = 1.0, k: int | float = 0.1):
@@ -166,13 +173,48 @@ class RepresentationMeter:
         m["xx"], m["yy"], m["xy"] = m["xx"] + x.T @ x, m["yy"] + y.T @ y, m["xy"] + x.T @ y
         self._n += x.shape[0]
 
-    def compute(self) -> dict[str, float]:
-        """The diagnostics over everything seen since ``reset()`` (empty before any update)."""
-        values = {key: self._sums[key] / self._counts[key] for key in self._sums}
+    def state(self) -> dict[str, Tensor]:
+        """Float64 tensors that merge across processes: per-key sums and counts; sample count,
+        means and centred second moments of the CLS features (``n``, ``mx``, ``my``, ``cxx``, ...)."""
+        out = {}
+        for key, total in self._sums.items():
+            out[f"sum/{key}"] = total
+            out[f"count/{key}"] = torch.tensor(float(self._counts[key]), dtype=torch.float64, device=total.device)
         if self._n:
             m, n = self._moments, self._n
-            cross = m["xy"] - torch.outer(m["sx"], m["sy"]) / n
-            xx = m["xx"] - torch.outer(m["sx"], m["sx"]) / n
-            yy = m["yy"] - torch.outer(m["sy"], m["sy"]) / n
-            values["cka_cls"] = _cka_from_covariances(cross, xx, yy)
+            out["n"] = torch.tensor(float(n), dtype=torch.float64, device=m["sx"].device)
+            out["mx"], out["my"] = m["shift_x"] + m["sx"] / n, m["shift_y"] + m["sy"] / n
+            out["cxy"] = m["xy"] - torch.outer(m["sx"], m["sy"]) / n
+            out["cxx"] = m["xx"] - torch.outer(m["sx"], m["sx"]) / n
+            out["cyy"] = m["yy"] - torch.outer(m["sy"], m["sy"]) / n
+        return out
+
+    def compute(self, gather: Callable[[dict], dict] | None = None) -> dict[str, float]:
+        """The diagnostics over everything seen since ``reset()`` (empty before any update).
+
+        Args:
+            gather: collects ``state()`` from every process, each tensor stacked on a new first
+                dim (``LightningModule.all_gather``); None: this process's samples only.
+        """
+        state = self.state() if gather is None else merge_states(gather(self.state()))
+        values = {key[4:]: total / state[f"count/{key[4:]}"] for key, total in state.items()
+                  if key.startswith("sum/")}
+        if "n" in state:
+            values["cka_cls"] = _cka_from_covariances(state["cxy"], state["cxx"], state["cyy"])
         return {key: float(values[key]) for key in KEYS if key in values}
+
+
+def merge_states(stacked: dict[str, Tensor]) -> dict[str, Tensor]:
+    """One ``RepresentationMeter.state()`` from several, stacked on dim 0 (one row per process)."""
+    out = {k: v.sum(dim=0) for k, v in stacked.items() if k.startswith(("sum/", "count/"))}
+    if "n" in stacked:
+        n_r = stacked["n"]  # [P]
+        n = out["n"] = n_r.sum()
+        for mean in ("mx", "my"):
+            out[mean] = (n_r[:, None] * stacked[mean]).sum(dim=0) / n
+        dx, dy = stacked["mx"] - out["mx"], stacked["my"] - out["my"]  # [P, D]: each shard's offset
+        spread = lambda a, b: torch.einsum("p,pi,pj->ij", n_r, a, b)  # noqa: E731
+        out["cxy"] = stacked["cxy"].sum(dim=0) + spread(dx, dy)
+        out["cxx"] = stacked["cxx"].sum(dim=0) + spread(dx, dx)
+        out["cyy"] = stacked["cyy"].sum(dim=0) + spread(dy, dy)
+    return out

@@ -160,8 +160,9 @@ class DistillModule(_Base):
         self.log("val/loss", out["loss"], prog_bar=True, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
+        gather = self.all_gather if self.trainer.world_size > 1 else None  # DDP: every rank's shard
         for who, meter in self.meters.items():
-            values = meter.compute()
+            values = meter.compute(gather)
             self.log_dict({f"val/diag/{who}/{k}": float(v) for k, v in values.items()})
             meter.reset()
 

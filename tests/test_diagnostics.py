@@ -103,3 +103,21 @@ def test_meter_equals_one_shot_on_concatenation(full):
     meter.reset()
     meter.update(*batches[0])
     assert meter.compute() == pytest.approx(Dg.representation_report(*batches[0], tau=0.5, k=0.3))
+
+
+def test_meters_of_ddp_shards_merge_to_one_meter_over_everything():
+    """Two processes' meters, merged through their states, equal one meter that saw every batch."""
+    batches = [(features(b, seed=s), features(b, seed=s + 10)) for s, b in enumerate([5, 8, 3, 6])]
+    for student, _ in batches[2:]:  # shard 2's features sit elsewhere: its means differ from shard 1's
+        student.cls.add_(3.0)
+    whole, shards = Dg.RepresentationMeter(k=0.3), [Dg.RepresentationMeter(k=0.3) for _ in range(2)]
+    for i, (student, teacher) in enumerate(batches):
+        whole.update(student, teacher)
+        shards[i // 2].update(student, teacher)
+    other = shards[1].state()
+    gather = lambda mine: {k: torch.stack([v, other[k]]) for k, v in mine.items()}  # noqa: E731
+    expected, got = whole.compute(), shards[0].compute(gather)
+    assert list(got) == list(expected) and len(got) == 5
+    for key in expected:
+        assert got[key] == pytest.approx(expected[key], rel=1e-9), key
+    assert shards[0].compute()["cka_cls"] != pytest.approx(expected["cka_cls"], rel=1e-3)  # unmerged

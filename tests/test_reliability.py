@@ -343,8 +343,9 @@ class _FirstStep(Callback):
         self.loss = float(outputs["loss"])
 
 
-def _first_step(world: int) -> tuple[float, dict]:
-    """One optimizer step of the tiny distiller on a fixed batch of 16, split over ``world`` ranks.
+def _first_step(world: int) -> tuple[float, dict, dict]:
+    """One optimizer step of the tiny distiller on a fixed batch of 16, split over ``world`` ranks,
+    then a validation of the 16 images: (loss, gradients, the representation diagnostics).
 
     Blur is deterministic and there is no augmentation, so every rank sees exactly its 16 / world
     images; DDP averages gradients, which matches the mean losses over the whole batch.
@@ -365,16 +366,19 @@ def _first_step(world: int) -> tuple[float, dict]:
     probe = _FirstStep()
     trainer = L.Trainer(accelerator="cpu", devices=world, strategy="ddp" if world > 1 else "auto",
                         max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, callbacks=[probe])
-    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=16 // world))
-    return probe.loss, probe.grads
+                        enable_model_summary=False, callbacks=[probe])
+    loader = torch.utils.data.DataLoader(data, batch_size=16 // world)
+    trainer.fit(module, loader)
+    trainer.validate(module, loader, verbose=False)
+    diag = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/diag/")}
+    return probe.loss, probe.grads, diag
 
 
 def _torchrun_worker(out: Path) -> None:
     """Each rank: its first-step loss and gradients, then the real CLI with its writes recorded."""
     rank = int(os.environ["RANK"])
-    loss, grads = _first_step(world=2)
-    torch.save({"loss": loss, "grads": grads}, out / f"step{rank}.pt")
+    loss, grads, diag = _first_step(world=2)
+    torch.save({"loss": loss, "grads": grads, "diag": diag}, out / f"step{rank}.pt")
     writes, loaders = [], []
     for name in ("write_text", "write_json"):
         original = getattr(cli, name)
@@ -400,13 +404,16 @@ def test_ddp_two_processes_match_one_and_only_rank_zero_writes(tmp_path):
                           cwd=Path(__file__).parent)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [torch.load(tmp_path / f"step{r}.pt") for r in (0, 1)]
-    loss, grads = _first_step(world=1)
+    loss, grads, diag = _first_step(world=1)
     assert loss > 0 and max(float(g.abs().max()) for g in grads.values()) > 0  # blur: a real step
     assert abs((ranks[0]["loss"] + ranks[1]["loss"]) / 2 - loss) < 1e-5
     assert grads.keys() == ranks[0]["grads"].keys() and len(grads) > 10
     for name, grad in grads.items():
         for r in ranks:
             torch.testing.assert_close(r["grads"][name], grad, rtol=1e-5, atol=1e-5, msg=name)
+    assert "val/diag/student/cka_cls" in diag and len(diag) == 10  # over all 16 images on every rank
+    for r in ranks:
+        assert r["diag"] == pytest.approx(diag, rel=1e-5, abs=1e-6)
     seen = [json.loads((tmp_path / f"writes{r}.json").read_text()) for r in (0, 1)]
     assert {"config.yaml", "metrics.json"} <= set(seen[0]["writes"]) and seen[1]["writes"] == []
     assert seen[0]["loaders"] == seen[1]["loaders"] == [["ResumableLoader", "DistributedSampler"]]
