@@ -17,21 +17,12 @@ the batches above. Loops that iterate a loader outside Lightning's hooks call ``
 
 from __future__ import annotations
 
-import gzip
 import io
 import logging
-import os
-import socket
-import urllib.parse
-import urllib.request
 from collections.abc import Sequence
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import datasets
-import huggingface_hub
 import lightning as L
 import numpy as np
 import PIL.Image
@@ -42,141 +33,17 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms import v2
 
 from distortkd import cache as canvases
+from distortkd import sources
 from distortkd.errors import UserError, unknown
+from distortkd.sources import DATASETS, DatasetSpec, load_hub_split, open_local
+from distortkd.sources import NO_VAL as NO_VAL  # re-exported
+from distortkd.sources import read_idx as read_idx  # re-exported
 from distortkd.transforms import BatchTransform, canvas_transform, pil_transform
 from distortkd.transforms import resized_crop as resized_crop  # re-exported
 from distortkd.transforms import rrc_boxes as rrc_boxes  # re-exported
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """One dataset: hub id, class count, role (``train``/``val``/``test``/``ood``) → split name.
-
-    ``small``: tight low-resolution images (≤ 96 px), resized whole to the model size for eval (no
-    ``crop_pct`` border). ``sizes``: rows of the full hub copy, checked on hub loads. ``ood``:
-    (column, value) marking the OOD rows of ``splits["ood"]``, which ``val`` then leaves out.
-    ``class_list``: file of class-folder names in label order. ``idx_dir``: default IDX folder.
-    ``names``: class names when the source has no ``ClassLabel``.
-    """
-
-    hub_id: str
-    num_classes: int
-    splits: dict
-    image_key: str = "image"
-    label_key: str = "label"
-    small: bool = False
-    in_memory: bool = False
-    sizes: dict | None = None
-    ood: tuple | None = None
-    class_list: str | None = None
-    idx_dir: str | None = None
-    names: tuple | None = None
-
-
-NO_VAL = {"train": "train", "val": "test", "test": "test"}  # no validation split: val = test
-DATASETS: dict[str, DatasetSpec] = {
-    # CMC's 100 classes (Tian et al. 2019); the one 5k validation split serves as val and test.
-    "imagenet100": DatasetSpec(
-        "clane9/imagenet-100", 100, {"train": "train", "val": "validation", "test": "validation"},
-        sizes={"validation": 5000}, class_list="imagenet100_classes.txt"),
-    "cifar10": DatasetSpec("uoft-cs/cifar10", 10, NO_VAL, image_key="img", small=True,
-                           sizes={"train": 50000, "test": 10000}),
-    "cifar100": DatasetSpec("uoft-cs/cifar100", 100, NO_VAL, image_key="img", small=True,
-                            label_key="fine_label", sizes={"train": 50000, "test": 10000}),
-    "stl10": DatasetSpec("tanganke/stl10", 10, NO_VAL, small=True,
-                         sizes={"train": 5000, "test": 8000}),
-    "resisc45": DatasetSpec("timm/resisc45", 45,
-                            {"train": "train", "val": "validation", "test": "test"}),
-    # WILDS: train = hospitals 0, 3, 4; validation = ID val (0, 3, 4) + OOD val (hospital 1);
-    # test = hospital 2. Here val is the ID part and ood the hospital-1 part.
-    "camelyon17": DatasetSpec(
-        "wltjr1007/Camelyon17-WILDS", 2,
-        {"train": "train", "val": "validation", "test": "test", "ood": "validation"},
-        ood=("center", 1), sizes={"train": 302436, "validation": 68464, "test": 85054},
-        names=("normal", "tumor")),
-    "fashion_mnist": DatasetSpec(
-        "zalando-datasets/fashion_mnist", 10, NO_VAL, small=True, in_memory=True,
-        sizes={"train": 60000, "test": 10000}, idx_dir="/usr/share/datasets/fashion-mnist",
-        names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-               "Sneaker", "Bag", "Ankle boot")),
-}
-_ERRORS = (OSError, ValueError, datasets.exceptions.DatasetsError)  # what loading raises
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError)  # truncated, unidentified or malformed files
-
-
-@lru_cache(maxsize=1)
-def _hub_unreachable(timeout: float = 3.0) -> bool:
-    """One TCP connect: without it an offline ``load_dataset`` retries for ~25 s before failing."""
-    if urllib.request.getproxies().get("https"):
-        return False  # behind a proxy, let the proxy decide
-    url = urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-        return False
-    except OSError:
-        return True
-
-
-@contextmanager
-def _offline_mode():
-    """Offline mode for one call: both libraries read their env vars at import, so set the flags."""
-    saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
-    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
-
-
-def load_hub_split(name: str, split: str, cache_dir: str | None = None) -> datasets.Dataset:
-    """One split from the hub or its local cache; offline and uncached, a one-line ``UserError``."""
-    spec = DATASETS[name]
-    flags = [os.environ.get(k, "").upper() for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")]
-    offline = bool({"1", "ON", "YES", "TRUE"} & set(flags)) or datasets.config.HF_HUB_OFFLINE
-    offline = offline or _hub_unreachable()
-    try:
-        with _offline_mode() if offline else nullcontext():
-            ds = datasets.load_dataset(spec.hub_id, split=split, cache_dir=cache_dir)
-    except _ERRORS as err:
-        why = "offline and not in the cache" if offline else str(err).strip().split("\n")[0][:160]
-        raise UserError(f"cannot load dataset {name!r} from the Hugging Face Hub ({spec.hub_id}, "
-                        f"split {split!r}): {why}; set data.path=<local copy> (save_to_disk "
-                        "folder, parquet files or image folder)") from None
-    expected = (spec.sizes or {}).get(split)
-    if expected is not None and len(ds) != expected:
-        raise UserError(f"{spec.hub_id} split {split!r} has {len(ds):,} rows; the full hub copy "
-                        f"has {expected:,} (use data.path for a partial local copy)")
-    return ds
-
-
-def open_local(path: str | Path, cache_dir: str | None = None) -> datasets.DatasetDict:
-    """A local copy: ``save_to_disk`` folder, parquet shards in the hub layout, or image folder."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise UserError(f"data.path {str(path)!r} does not exist")
-    if (path / "dataset_dict.json").exists():
-        return datasets.load_from_disk(str(path))
-    try:  # load_dataset picks the parquet or the imagefolder builder from the files it finds
-        return datasets.load_dataset(str(path), cache_dir=cache_dir)
-    except _ERRORS as err:
-        raise UserError(f"data.path {str(path)!r} holds no dataset that `datasets` reads: "
-                        f"{str(err).strip().split(chr(10))[0][:160]}") from None
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (``.gz`` or raw) as uint8: images ``[N, 28, 28]`` or labels ``[N]``.
-
-    By hand: torchvision's IDX reader takes uncompressed files only, and Debian ships ``.gz``.
-    """
-    path = path if path.exists() else path.with_suffix("")
-    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
-        data = f.read()
-    if data[:3] != b"\0\0\x08":  # magic: two zero bytes, then type code 8 = uint8
-        raise UserError(f"{path} is not a uint8 IDX file")
-    dims = np.frombuffer(data, ">u4", count=data[3], offset=4).astype(int)
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * data[3]).reshape(dims)
 
 
 def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -300,10 +167,6 @@ class HFImages(Dataset):
         return full
 
 
-def _column(table: datasets.Dataset, key: str) -> np.ndarray:
-    return np.asarray(table.select_columns([key]).with_format("numpy")[key])
-
-
 def _check_options(h, rrc_scale: tuple, subset: tuple | None, spec: DatasetSpec) -> None:
     for ok, bad in [
         (h.in_chans in (1, 3), f"in_chans {h.in_chans}; accepted: 1, 3"),
@@ -375,9 +238,7 @@ class ImageDataModule(L.LightningDataModule):
         self.cache_size = cache_size or canvases.default_side(image_size, crop_pct, self.spec.small)
         self.num_classes = self.spec.num_classes
         self.class_names: list[str] | None = list(self.spec.names or []) or None
-        idx = Path(path or self.spec.idx_dir) if self.spec.idx_dir else None  # IDX files, if any
-        has_idx = idx and any((idx / f"train-images-idx3-ubyte{s}").exists() for s in (".gz", ""))
-        self.idx_dir = idx if has_idx else None
+        self.idx_dir = sources.idx_folder(path, self.spec)  # IDX files, if any
         self._raw: dict[str, dict] = {}
         self._sets: dict[str, Dataset] = {}
         self._local: datasets.DatasetDict | None = None
@@ -400,39 +261,15 @@ class ImageDataModule(L.LightningDataModule):
             self.dataset(role)
 
     def _table(self, split: str) -> datasets.Dataset:
-        if self.path is None:
-            table = load_hub_split(self.name, split, self.hparams.cache_dir)
-        else:
+        if self.path is not None:
             self._local = self._local or open_local(self.path, self.hparams.cache_dir)
-            aliases = (split, "valid", "val") if split == "validation" else (split,)
-            names = [s for s in aliases if s in self._local]
-            if not names:
-                raise unknown(f"split of data.path {self.path!r}", split, self._local.keys())
-            table = self._local[names[0]]
-        missing = sorted({self.spec.image_key, self.spec.label_key} - set(table.column_names))
-        if missing:
-            raise UserError(f"{self.name} split {split!r} has no column {', '.join(missing)}; "
-                            f"columns: {', '.join(table.column_names)}")
-        return table.cast_column(self.spec.image_key, datasets.Image(decode=False))
+        return sources.split_table(self.name, split, self.path, self._local, self.hparams.cache_dir)
 
     def _labels(self, table: datasets.Dataset, split: str) -> np.ndarray:
         """Labels ``[N]`` in the spec's class order (class folders mapped by ``class_list``)."""
-        feature, labels = table.features[self.spec.label_key], _column(table, self.spec.label_key)
-        names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
-        file = self.spec.class_list
-        order = (Path(__file__).parent / file).read_text().split() if file else []
-        if names and set(names) & set(order):
-            if strangers := sorted(set(names) - set(order)):
-                raise unknown(f"{self.name} class folder", strangers[0], order)
-            labels, names = np.array([order.index(n) for n in names])[labels], order
-        if names and len(names) != self.num_classes:
-            raise UserError(f"{self.name} column {self.spec.label_key!r} has {len(names)} "
-                            f"classes; expected {self.num_classes}")
-        if len(labels) and not 0 <= labels.min() <= labels.max() < self.num_classes:
-            raise UserError(f"{self.name} split {split!r} has labels in [{labels.min()}, "
-                            f"{labels.max()}]; expected 0..{self.num_classes - 1}")
+        labels, names = sources.split_labels(self.name, table, split)
         self.class_names = names or self.class_names
-        return labels.astype(np.int64)
+        return labels
 
     def _load(self, split: str) -> dict:
         """A split's ``labels [N]`` and ``table`` (lazy) or ``images [N, C, h, w]`` uint8."""
@@ -443,15 +280,13 @@ class ImageDataModule(L.LightningDataModule):
             raise UserError(f"cache=uint8 for {self.name} from IDX files ({self.idx_dir}): "
                             "they are held in memory already; accepted: cache=null")
         if self.idx_dir is not None:
-            prefix = self.idx_dir / {"train": "train", "test": "t10k"}[split]
-            images = read_idx(Path(f"{prefix}-images-idx3-ubyte.gz"))
+            images, raw["labels"] = sources.read_idx_split(self.idx_dir, split)
             raw["images"] = torch.from_numpy(images.copy())[:, None]
-            raw["labels"] = read_idx(Path(f"{prefix}-labels-idx1-ubyte.gz")).astype(np.int64)
         else:
             raw["table"] = table = self._table(split)
             raw["labels"] = self._labels(table, split)
             if self.spec.ood and split == self.spec.splits["ood"]:
-                raw["ood"] = _column(table, self.spec.ood[0]) == self.spec.ood[1]
+                raw["ood"] = sources._column(table, self.spec.ood[0]) == self.spec.ood[1]
             if self.in_memory:
                 where = f"{self.name} {split}"
                 rows = HFImages(table, self.spec.image_key, raw["labels"], np.arange(len(table)),

@@ -16,7 +16,6 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from distortkd.errors import UserError, unknown
@@ -88,31 +87,40 @@ def _blur_kernel(kernel_size: Tensor | int, sigma: Tensor, width: int) -> Tensor
     return pdf / pdf.sum(dim=1, keepdim=True)
 
 
+def _reflect_band(kernel: Tensor, n: int) -> Tensor:
+    """``[B, n, n]`` matrices M such that ``x @ M`` convolves the length-n rows of ``x`` with the
+    taps ``kernel [B, K]`` under reflect padding (the edge pixel not repeated, as ``F.pad``)."""
+    b, width = kernel.shape
+    taps = torch.arange(width, device=kernel.device) - (width - 1) // 2
+    src = torch.arange(n, device=kernel.device)[:, None] + taps  # [n, K]: input index of each tap
+    src = src.abs()
+    src = torch.where(src > n - 1, 2 * (n - 1) - src, src)
+    col = torch.arange(n, device=kernel.device)[:, None].expand(n, width)
+    flat = (src * n + col).reshape(1, -1).expand(b, -1)  # M[src, col] += tap
+    band = torch.zeros(b, n * n, device=kernel.device, dtype=torch.float32)
+    band.scatter_add_(1, flat, kernel.float()[:, None, :].expand(b, n, width).reshape(b, -1))
+    return band.view(b, n, n)
+
+
 def _separable_blur(images: Tensor, kernel: Tensor) -> Tensor:
     """Separable blur with reflect padding; ``kernel`` is ``[1, K]`` (shared) or ``[B, K]``.
 
     Written by hand instead of ``torchvision...gaussian_blur`` because torchvision convolves with the
     full K×K kernel (37² = 1369 taps for the paper's strong blur) where two 1-D passes need 74.
+    Each pass is a product with a banded ``[n, n]`` matrix that folds the reflection in
+    (``Mhᵀ · X · Mw``): more multiply-adds than a depthwise ``conv2d`` (n instead of K per pixel)
+    but run as GEMMs, ~5× faster on CPU at 224 px (``distortkd-bench distort``) and no pad copy.
     """
     b, c, h, w = images.shape
     width = kernel.shape[-1]
-    pad = (width - 1) // 2
-    if pad >= min(h, w):
+    if (width - 1) // 2 >= min(h, w):
         raise UserError(
             f"blur kernel {width} is too large for {h}x{w} images (reflect padding needs "
             f"kernel_size < 2*min(H, W) - 1 = {2 * min(h, w) - 1})"
         )
-    kernel = kernel.to(images.dtype)
-    if kernel.shape[0] == 1:
-        x, groups = images.reshape(b * c, 1, h, w), 1
-        kx, ky = kernel.view(1, 1, 1, width), kernel.view(1, 1, width, 1)
-    else:
-        x, groups = images.reshape(1, b * c, h, w), b * c
-        k = kernel.repeat_interleave(c, dim=0)
-        kx, ky = k.view(b * c, 1, 1, width), k.view(b * c, 1, width, 1)
-    x = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    x = F.conv2d(F.conv2d(x, kx, groups=groups), ky, groups=groups)
-    return x.reshape(b, c, h, w)
+    mw = _reflect_band(kernel, w).to(images.dtype)[:, None]  # [1 or B, 1, w, w]
+    mh = _reflect_band(kernel, h).to(images.dtype)[:, None]
+    return mh.mT @ (images @ mw)
 
 
 def _odd_kernel(sigma: float | Tensor) -> Tensor | int:

@@ -1,40 +1,38 @@
 """``distortkd-report``: the paper's tables and figures rebuilt from run folders alone (no W&B).
 
-A run folder is any directory holding ``config.yaml`` (hidden folders such as Hydra's ``.hydra`` are
-skipped). Its ``metrics.json`` holds scalar metrics and, for evaluate runs, ``suite`` and ``rows``;
-a folder without it, or with ``"status": "failed"``, is a failed run: listed, and its cell missing.
+Run folders are read by :mod:`distortkd.runs`: a failed run is listed, and its cell missing.
 A cell is the mean ± sample std (ddof=1) over seeds; a seed that ran twice is averaged first.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from omegaconf import OmegaConf
 
 from distortkd import figures
 from distortkd.errors import UserError, unknown
+from distortkd.runs import (  # noqa: F401  (re-exported: report.load_runs etc. are public)
+    ROW_METRICS,
+    find_run_dirs,
+    load_rows,
+    load_runs,
+    scan,
+)
 from distortkd.tables import (  # noqa: F401  (re-exported: report.pivot_table etc. are public)
     MISSING,
     Table,
     make_table,
+    make_tables,
     pivot_table,
     to_latex,
     to_markdown,
 )
 
-CONFIG_FIELDS = ("task", "experiment", "method", "seed", "model.name", "data.name",
-                 "data.label_fraction", "distortion.name", "distortion.family", "loss.name",
-                 "finetune.mode", "pretrain.distortion")
-BASE_COLUMNS = (*CONFIG_FIELDS, "suite", "status", "error", "path")
-ROW_METRICS = ("cos_cls", "cos_patch", "cka_cls", "attn_kl", "attn_iou")
 METHODS = {"ci": "CI", "supervised": "Supervised", "ours": "Ours"}
 PRESET_ORDER = ("mask_weak", "mask_strong", "noise_weak", "noise_strong", "blur_weak",
                 "blur_strong")
@@ -49,119 +47,6 @@ LOSSES = {"global": "Global", "global_local": "Gl. Local", "global_attn": "Gl. A
           "multilevel": "Gl. Local Attention"}
 REPRESENTATION = {"val/cos_clean_baseline": "Before: teacher(distorted) vs teacher(clean)",
                   "val/cos_clean": "After: student(distorted) vs teacher(clean)"}
-# Family of a preset whose config lacks distortion.family, by the name's first word.
-_PREFIX_FAMILY = {"mask": "mask", "noise": "gaussian_noise", "blur": "gaussian_blur",
-                  "mixed": "mixed", "clean": "identity"}
-
-# ------------------------------------------------------------------------------------- loading
-
-
-def find_run_dirs(dirs: Iterable[str | Path]) -> list[Path]:
-    """Every folder holding ``config.yaml`` at any depth below ``dirs`` (hidden folders skipped)."""
-    found = set()
-    for root in map(Path, dirs):
-        if not root.is_dir():
-            raise UserError(f"run directory {str(root)!r} does not exist or is not a directory")
-        for cfg in root.rglob("config.yaml"):
-            if not any(p.startswith(".") for p in cfg.parent.relative_to(root).parts):
-                found.add(cfg.parent.resolve())
-    return sorted(found)
-
-
-def _get(cfg: object, dotted: str) -> object:
-    for part in dotted.split("."):
-        if not isinstance(cfg, dict) or part not in cfg:
-            return None
-        cfg = cfg[part]
-    return cfg if cfg is None or isinstance(cfg, str | int | float | bool) else str(cfg)
-
-
-def _read_metrics(run: Path) -> tuple[str, dict, str | None]:
-    """(status, metrics, error) with status ``ok``, ``failed`` or ``missing`` (no metrics.json)."""
-    if not (run / "metrics.json").is_file():
-        return "missing", {}, "no metrics.json"
-    try:
-        metrics = json.loads((run / "metrics.json").read_text())
-    except (OSError, ValueError) as err:
-        return "failed", {}, f"unreadable metrics.json: {err}"
-    if not isinstance(metrics, dict):
-        return "failed", {}, "metrics.json is not a JSON object"
-    if metrics.get("status") == "failed":
-        return "failed", metrics, str(metrics.get("error", "status: failed"))
-    return "ok", metrics, None
-
-
-def _load_run(run: Path) -> tuple[dict, list[dict]]:
-    """One run's flat record and its evaluate rows, each row carrying the run's fields."""
-    status, metrics, error = _read_metrics(run)
-    try:
-        cfg = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"))  # already resolved
-    except Exception as err:  # a broken config must not stop the report; the run gets listed
-        cfg, status, error = {}, "failed", "unreadable config.yaml: " + " ".join(str(err).split())
-    rec = {key: _get(cfg, key) for key in CONFIG_FIELDS}
-    if rec["distortion.family"] is None and isinstance(rec["distortion.name"], str):
-        rec["distortion.family"] = _PREFIX_FAMILY.get(rec["distortion.name"].split("_")[0])
-    if rec["loss.name"] is None and rec["method"] == "ours":
-        rec["loss.name"] = "multilevel"
-    if rec["finetune.mode"] is None and rec["task"] != "distill":
-        rec["finetune.mode"] = "full"
-    suite = metrics.get("suite")
-    rec.update(suite=suite if isinstance(suite, str) else None, status=status, error=error)
-    rec["path"] = str(run)
-    for key, value in metrics.items():
-        if isinstance(value, int | float) and not isinstance(value, bool) and key not in rec:
-            rec[key] = float(value)
-    raw = metrics.get("rows") if status == "ok" else None
-    raw = raw if isinstance(raw, list) else []
-    return rec, [{**rec, **r} for r in raw if isinstance(r, dict)]
-
-
-def _frame(records: list[dict], first: Sequence[str]) -> pd.DataFrame:
-    df = pd.DataFrame.from_records(records)
-    return df.reindex(columns=[*first, *(c for c in df.columns if c not in first)])
-
-
-def scan(dirs: Iterable[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(load_runs(dirs), load_rows(dirs))`` from one pass over the files."""
-    runs, rows = [], []
-    for run in find_run_dirs(dirs):
-        rec, run_rows = _load_run(run)
-        runs.append(rec)
-        rows.extend(run_rows)
-    row_first = (*BASE_COLUMNS, "distortion", "severity", "acc1", *ROW_METRICS)
-    return _frame(runs, BASE_COLUMNS), _frame(rows, row_first)
-
-
-def load_runs(dirs: Iterable[str | Path]) -> pd.DataFrame:
-    """One row per run folder: ``CONFIG_FIELDS`` as dotted columns (missing → None; ``loss.name``
-    defaults to multilevel for ours, ``finetune.mode`` to full), ``suite``, ``status`` (ok,
-    failed, missing), ``error``, ``path`` and every scalar metric (``test/acc1``, ...)."""
-    return scan(dirs)[0]
-
-
-def load_rows(dirs: Iterable[str | Path]) -> pd.DataFrame:
-    """One row per entry of ``rows`` in finished runs (``distortion``, ``severity``, ``acc1``,
-    diagnostics), with the run's columns as in :func:`load_runs`."""
-    return scan(dirs)[1]
-
-
-def _tables(name: str, title: str, df: pd.DataFrame, rows, cols, header: str, what: str,
-            value: str = "value", split: Sequence[str] = ("model.name", "finetune.mode"),
-            orders: tuple = (None, None), **fmt) -> list[Table]:
-    """Pivots ``value`` into one table per combination of the ``split`` fields that vary within
-    a method (CI's own backbone is no reason to split; two ViTs for our method are)."""
-    varying = [f for f in split if df.groupby("method", dropna=False)[f].nunique().gt(1).any()]
-    out = []
-    df = df.fillna({f: "unspecified" for f in varying})
-    for key, part in df.groupby(varying) if varying else [((), df)]:
-        words = [str(k) for k in key]
-        suffix = f" ({', '.join(words)})" if words else ""
-        slug = "_" + re.sub(r"\W+", "-", "_".join(words)) if words else ""
-        piv = pivot_table(part, rows, cols, value, *orders)
-        if piv.mean.size:
-            out.append(make_table(name + slug, title + suffix, piv, header, what, **fmt))
-    return out
-
 
 # ---------------------------------------------------------------------------------- selections
 
@@ -236,8 +121,9 @@ def _family(f: str, short: bool = False) -> str:
 def table1(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
     """Table 1, in-domain: distortion preset × method, ImageNet-100 with all labels."""
     sel, what = with_value(_main_loss(_finetune(runs, opts, ["imagenet100"])), opts.metric)
-    return _tables("table1", "Table 1: in-domain accuracy (%)", sel, "distortion.name",
-                   "method", "Distortion", what, orders=(PRESET_ORDER, METHODS), col_label=_method)
+    return make_tables("table1", "Table 1: in-domain accuracy (%)", sel, "distortion.name",
+                       "method", "Distortion", what, orders=(PRESET_ORDER, METHODS),
+                       col_label=_method)
 
 
 def table2(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
@@ -247,9 +133,10 @@ def table2(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
     names = {**METHODS, "supervised": "Baseline"}
     label = lambda k: f"{names.get(k[1], k[1])} ({_family(k[0], True)})"  # noqa: E731
     order = ([(f, m) for f in FAMILIES for m in METHODS], TRANSFER)
-    return _tables("table2", "Table 2: transfer accuracy (%)", sel, ["distortion.family", "method"],
-                   "data.name", "Method", what, orders=order, row_label=label,
-                   col_label=lambda d: TRANSFER.get(d, d))
+    return make_tables("table2", "Table 2: transfer accuracy (%)", sel,
+                       ["distortion.family", "method"], "data.name", "Method", what, orders=order,
+                       row_label=label,
+                       col_label=lambda d: TRANSFER.get(d, d))
 
 
 def table3(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
@@ -257,9 +144,9 @@ def table3(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
     sel = _finetune(runs, opts, ["imagenet100"])
     sel = sel[sel["method"].eq("ours") & sel["distortion.name"].isin(STRONG)]
     sel, what = with_value(sel, opts.metric)
-    return _tables("table3", "Table 3: loss ablation, accuracy (%)", sel, "loss.name",
-                   "distortion.family", "Loss", what, orders=(LOSSES, FAMILIES),
-                   row_label=lambda k: LOSSES.get(k, k), col_label=_family)
+    return make_tables("table3", "Table 3: loss ablation, accuracy (%)", sel, "loss.name",
+                       "distortion.family", "Loss", what, orders=(LOSSES, FAMILIES),
+                       row_label=lambda k: LOSSES.get(k, k), col_label=_family)
 
 
 def mce(rows: pd.DataFrame, metric: str = "acc1") -> pd.DataFrame:
@@ -290,11 +177,11 @@ def mce(rows: pd.DataFrame, metric: str = "acc1") -> pd.DataFrame:
 def heldout(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
     """Held-out corruptions: accuracy per corruption × severity per model, then CE and mCE."""
     sel = with_variant(_scope(rows[rows["suite"].eq("heldout")], opts))
-    tables = _tables("heldout", "Held-out corruptions: accuracy (%)", sel,
-                     ["distortion", "severity"], "variant", "Corruption / severity",
-                     "`acc1` of evaluate rows in %", value="acc1", split=(),
-                     orders=(None, list(dict.fromkeys(sel["variant"]))),
-                     row_label=lambda k: f"{k[0]} / {k[1]:g}")
+    tables = make_tables("heldout", "Held-out corruptions: accuracy (%)", sel,
+                         ["distortion", "severity"], "variant", "Corruption / severity",
+                         "`acc1` of evaluate rows in %", value="acc1", split=(),
+                         orders=(None, list(dict.fromkeys(sel["variant"]))),
+                         row_label=lambda k: f"{k[0]} / {k[1]:g}")
     ce = mce(sel) if tables else pd.DataFrame()
     if not ce.empty:
         cells = ce.map(lambda v: MISSING if pd.isna(v) else f"{v:.1f}")
@@ -316,9 +203,10 @@ def diagnostics(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
     long = sel.melt(id_vars=["variant", "distortion", "seed", "path", "status"], value_vars=present,
                     var_name="metric", value_name="v").dropna(subset=["v"])
     order = list(long[["variant", "distortion"]].itertuples(index=False, name=None))
-    return _tables("diagnostics", "Diagnostics (evaluate rows)", long, ["variant", "distortion"],
-                   "metric", "Model / distortion", "per-seed mean over severities", value="v",
-                   split=(), orders=(order, ROW_METRICS), scale=1.0, digits=3)
+    return make_tables("diagnostics", "Diagnostics (evaluate rows)", long,
+                       ["variant", "distortion"], "metric", "Model / distortion",
+                       "per-seed mean over severities", value="v", split=(),
+                       orders=(order, ROW_METRICS), scale=1.0, digits=3)
 
 
 def demo(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
@@ -326,10 +214,11 @@ def demo(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
     sel = _main_loss(_finetune(runs, opts, None))
     sel = sel[sel["finetune.mode"].fillna("full").eq("full") & sel["distortion.family"].ne("identity")]
     sel, what = with_value(sel[sel["method"].isin(["supervised", "ours"])], opts.metric)
-    tables = _tables("demo", "Demo: accuracy by distortion and label fraction (%)", sel,
-                     ["distortion.name", "data.label_fraction"], "method", "Distortion / labels",
-                     what, orders=(None, ["supervised", "ours"]), col_label=_method,
-                     row_label=lambda k: f"{k[0]} / {k[1] * 100:g}%")
+    tables = make_tables("demo", "Demo: accuracy by distortion and label fraction (%)", sel,
+                         ["distortion.name", "data.label_fraction"], "method",
+                         "Distortion / labels", what, orders=(None, ["supervised", "ours"]),
+                         col_label=_method,
+                         row_label=lambda k: f"{k[0]} / {k[1] * 100:g}%")
     for t in tables:
         if {"supervised", "ours"} <= set(t.pivot.mean.columns):
             delta = (t.pivot.mean["ours"] - t.pivot.mean["supervised"]).to_numpy() * 100
@@ -344,10 +233,11 @@ def representation(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
     long = sel.melt(id_vars=ids, value_vars=[m for m in REPRESENTATION if m in sel],
                     var_name="metric", value_name="v")
     long = long[long["v"].notna() | long["status"].ne("ok")]  # failed runs stay, as missing cells
-    return _tables("representation", "Representation: CLS cosine to the clean teacher", long,
-                   "distortion.name", "metric", "Distortion", "validation-set cosine", value="v",
-                   split=("model.name", "loss.name"), orders=(PRESET_ORDER, REPRESENTATION),
-                   col_label=lambda m: REPRESENTATION.get(m, m), scale=1.0, digits=3)
+    return make_tables("representation", "Representation: CLS cosine to the clean teacher", long,
+                       "distortion.name", "metric", "Distortion", "validation-set cosine",
+                       value="v", split=("model.name", "loss.name"),
+                       orders=(PRESET_ORDER, REPRESENTATION),
+                       col_label=lambda m: REPRESENTATION.get(m, m), scale=1.0, digits=3)
 
 
 def mixed(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
@@ -362,9 +252,9 @@ def mixed(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
     if not sel["student"].eq("mixed").any():
         return []
     names = {"specialist": "Distilled on that family", "mixed": "Distilled on mixed"}
-    return _tables("mixed", "Mixed vs per-distortion students: accuracy (%)", sel, "distortion",
-                   "student", "Evaluated on", "`acc1` in %, mean over severities", "acc1",
-                   orders=(FAMILIES, names), row_label=_family, col_label=names.get)
+    return make_tables("mixed", "Mixed vs per-distortion students: accuracy (%)", sel, "distortion",
+                       "student", "Evaluated on", "`acc1` in %, mean over severities", "acc1",
+                       orders=(FAMILIES, names), row_label=_family, col_label=names.get)
 
 
 def robustness(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
@@ -372,10 +262,11 @@ def robustness(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
     sel = _scope(rows[rows["suite"].eq("paper")], opts)
     if sel.empty:
         return []
-    return _tables("robustness", "Accuracy (%) vs severity (training severity first)", sel,
-                   ["distortion", "severity"], "method", "Distortion / severity",
-                   "`acc1` of evaluate rows in %", "acc1", orders=(None, ["ci", "supervised", "ours"]),
-                   col_label=_method, row_label=lambda k: f"{k[0]} / {k[1]:g}")
+    return make_tables("robustness", "Accuracy (%) vs severity (training severity first)", sel,
+                       ["distortion", "severity"], "method", "Distortion / severity",
+                       "`acc1` of evaluate rows in %", "acc1",
+                       orders=(None, ["ci", "supervised", "ours"]),
+                       col_label=_method, row_label=lambda k: f"{k[0]} / {k[1]:g}")
 
 
 def knn(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
@@ -385,9 +276,10 @@ def knn(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
     if sel.empty:
         return []
     sel, what = with_value(sel, opts.metric)
-    return _tables("knn", "k-NN accuracy (%): student distilled on (columns) × evaluated on (rows)",
-                   sel, "distortion.name", "pretrain.distortion", "Evaluated on", what,
-                   orders=(PRESET_ORDER, STUDENT_ORDER))
+    return make_tables("knn",
+                       "k-NN accuracy (%): student distilled on (columns) × evaluated on (rows)",
+                       sel, "distortion.name", "pretrain.distortion", "Evaluated on", what,
+                       orders=(PRESET_ORDER, STUDENT_ORDER))
 
 
 # ------------------------------------------------------------------------------ figures and CLI

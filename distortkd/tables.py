@@ -7,6 +7,7 @@ cells without a finished run are ``MISSING`` and listed with their failed runs.
 from __future__ import annotations
 
 import numbers
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -127,6 +128,24 @@ def make_table(name: str, title: str, piv: Pivot, row_header: str, what: str,
     cells.index = [row_label(r) for r in cells.index]
     cells.columns = [col_label(c) for c in cells.columns]
     return Table(name, title, cells, row_header, missing, _footnote(piv, what), piv)
+
+
+def make_tables(name: str, title: str, df: pd.DataFrame, rows, cols, header: str, what: str,
+                value: str = "value", split: Sequence[str] = ("model.name", "finetune.mode"),
+                orders: tuple = (None, None), **fmt) -> list[Table]:
+    """Pivots ``value`` into one table per combination of the ``split`` fields that vary within
+    a method (CI's own backbone is no reason to split; two ViTs for our method are)."""
+    varying = [f for f in split if df.groupby("method", dropna=False)[f].nunique().gt(1).any()]
+    out = []
+    df = df.fillna({f: "unspecified" for f in varying})
+    for key, part in df.groupby(varying) if varying else [((), df)]:
+        words = [str(k) for k in key]
+        suffix = f" ({', '.join(words)})" if words else ""
+        slug = "_" + re.sub(r"\W+", "-", "_".join(words)) if words else ""
+        piv = pivot_table(part, rows, cols, value, *orders)
+        if piv.mean.size:
+            out.append(make_table(name + slug, title + suffix, piv, header, what, **fmt))
+    return out
 
 
 def to_markdown(table: Table) -> str:

@@ -18,7 +18,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from distortkd import data
+from distortkd import data, sources
 from distortkd.data import DATASETS, ImageDataModule, resized_crop
 from distortkd.errors import UserError
 
@@ -240,7 +240,7 @@ def test_offline_without_local_copy_fails_at_once_in_one_line(tmp_path, monkeypa
             monkeypatch.delenv(key)
         monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(data, "_hub_unreachable", lambda: True)
+        monkeypatch.setattr(sources, "_hub_unreachable", lambda: True)
     dm = ImageDataModule("cifar10", cache_dir=str(tmp_path))
     start = time.perf_counter()
     with pytest.raises(UserError) as err:

@@ -45,6 +45,16 @@ def test_blur_matches_torchvision(images, preset):
     assert (ours - ref).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("size,kernel", [((40, 64), 21), ((16, 24), 31)])  # 31: pad 15, one short of H
+def test_per_sample_blur_on_non_square_images_matches_torchvision(size, kernel):
+    x = torch.rand(3, 2, *size, generator=torch.Generator().manual_seed(1))
+    sigmas = torch.tensor([1.0, 4.0, 9.0])
+    out = D._separable_blur(x, D._blur_kernel(kernel, sigmas, kernel))
+    for i, sigma in enumerate(sigmas.tolist()):
+        ref = TF.gaussian_blur(x[i : i + 1], [kernel] * 2, [sigma] * 2)
+        assert (out[i : i + 1] - ref).abs().max() < 1e-5, sigma
+
+
 def test_blur_default_kernel_is_paper_pairing():
     assert D.build("gaussian_blur", sigma=5).kernel_size == 21
     assert D.build("gaussian_blur", sigma=9).kernel_size == 37
