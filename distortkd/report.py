@@ -246,7 +246,7 @@ def mixed(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
     sel = _scope(rows[rows["method"].eq("ours")], opts)
     families = set(sel["distortion.family"].dropna()) - {"mixed", "identity"}
     sel = sel[sel["distortion"].isin(families)]
-    student = np.where(sel["distortion.name"].eq("mixed"), "mixed",
+    student = np.where(sel["distortion.family"].eq("mixed"), "mixed",
                        np.where(sel["distortion.family"].eq(sel["distortion"]), "specialist", None))
     sel = sel.assign(student=student).dropna(subset=["student"])
     if not sel["student"].eq("mixed").any():
