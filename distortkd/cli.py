@@ -6,7 +6,6 @@ Each reads top to bottom: build data, model, callbacks, loggers, trainer; fit; t
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import traceback
@@ -17,11 +16,14 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from distortkd import distortions
+from distortkd import distortions, rundir
+from distortkd.checks import check_config, check_writable
 from distortkd.errors import UserError, unknown
 from distortkd.losses import LOSSES
 from distortkd.modules import (
@@ -31,7 +33,7 @@ from distortkd.modules import (
     load_encoder_weights,
     run_checkpoint,
 )
-from distortkd.training import make_trainer, resumable, write_json, write_text
+from distortkd.training import last_validated_step, make_trainer, resumable
 from distortkd.vit import build_encoder
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
@@ -95,6 +97,47 @@ def resolve_init(cfg: DictConfig) -> str | None:
                     "job first or pass init=/path/to/student.ckpt")
 
 
+def upstream(cfg: DictConfig) -> dict:
+    """Which checkpoint this run builds on (``provenance``, recorded in its config.yaml).
+
+    A checkpoint inside another run's folder is used only if that run finished (metrics.json
+    status ok): never a student or a fine-tune that was killed mid-epoch, unless
+    ``allow_unfinished=true`` (recorded too).
+    """
+    if cfg.task == "finetune":
+        path = resolve_init(cfg)
+        return {} if path is None else {"init": _checked_upstream(Path(path), cfg)}
+    if cfg.task == "evaluate":
+        name = "best.ckpt" if cfg.finetune.test_ckpt == "best" else "last.ckpt"
+        path = Path(cfg.finetune_run) / "checkpoints" / name if cfg.ckpt == "auto" else Path(cfg.ckpt)
+        if not path.is_file():
+            raise UserError(f"checkpoint {str(path)!r} does not exist; run the finetune job first or pass ckpt=")
+        return {"checkpoint": _checked_upstream(path, cfg)}
+    return {}
+
+
+def provenance(cfg: DictConfig) -> dict:
+    """``cfg.provenance`` as ``_main`` recorded it, else worked out now (a notebook, a test)."""
+    return OmegaConf.to_container(cfg.provenance) if cfg.get("provenance") is not None else upstream(cfg)
+
+
+def _checked_upstream(path: Path, cfg: DictConfig) -> dict:
+    record = {"path": str(path.resolve()), "sha256": rundir.sha256(path)}
+    run = path.parent.parent if path.parent.name == "checkpoints" else None
+    if run is None or not ((run / "config.yaml").is_file() or (run / "metrics.json").is_file()):
+        return record  # a file from elsewhere: nothing to check it against
+    metrics, why = rundir.read_metrics(run)
+    status = metrics.get("status") if metrics else None
+    record.update(run=str(run.resolve()), run_status=status or "unfinished")
+    if status != "ok":
+        reason = why if metrics is None else f"status {status}: {metrics.get('error', '')}".rstrip(": ")
+        if not cfg.get("allow_unfinished", False):
+            raise UserError(f"{path} belongs to an unfinished run ({reason}); finish it by re-running its "
+                            "command, or pass allow_unfinished=true to use it anyway (recorded in config.yaml)")
+        print(f"warning: using {path} of an unfinished run ({reason}): allow_unfinished=true", file=sys.stderr)
+    return record
+
+
 def run_distill(cfg: DictConfig, run_dir: Path) -> dict:
     datamodule = resumable(instantiate(cfg.data))
     student, teacher = build_model(cfg.model), build_model(cfg.model)
@@ -106,15 +149,14 @@ def run_distill(cfg: DictConfig, run_dir: Path) -> dict:
         eval_seed=cfg.seed, with_attn=with_attn, contrastive=contrastive, compile=cfg.model.compile,
     )
     trainer = make_trainer(cfg, run_dir, monitor="val/loss", mode="min")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg, run_dir))
-    return _metrics(trainer)
+    return _fit(trainer, module, datamodule, cfg, run_dir)
 
 
 def run_finetune(cfg: DictConfig, run_dir: Path) -> dict:
     datamodule = resumable(instantiate(cfg.data))
     datamodule.prepare_data()
     datamodule.setup("fit")
-    init = resolve_init(cfg)
+    init = provenance(cfg).get("init", {}).get("path")
     encoder = build_model(cfg.model, pretrained=None if init is None else False)
     if init is not None:
         load_encoder_weights(encoder, init)
@@ -128,8 +170,7 @@ def run_finetune(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.finetune.mode == "knn":  # nothing to train: score the frozen features on the test split
         trainer.test(module, datamodule=datamodule)
         return _metrics(trainer)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg, run_dir))
-    metrics = _metrics(trainer)
+    metrics = _fit(trainer, module, datamodule, cfg, run_dir)
     trainer.test(module, datamodule=datamodule, ckpt_path="best" if cfg.finetune.test_ckpt == "best" else None)
     return {**metrics, **_metrics(trainer)}
 
@@ -138,7 +179,31 @@ def run_evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     """Accuracy (and representation diagnostics) of a fine-tuned checkpoint over a distortion grid."""
     from distortkd.evaluation import evaluate_grid
 
-    return evaluate_grid(cfg, run_dir, build_model)
+    return evaluate_grid(cfg, run_dir, build_model, Path(provenance(cfg)["checkpoint"]["path"]))
+
+
+def _fit(trainer: L.Trainer, module, datamodule, cfg: DictConfig, run_dir: Path) -> dict:
+    """Trains (or resumes), then makes sure the metrics describe the final weights.
+
+    A run resumed from a checkpoint saved after its last step trains nothing and validates nothing;
+    nor does one whose last validation came before its last step. Either is validated again here,
+    so a recovered run stores every metric a fresh one does, never a partial set.
+    """
+    trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg, run_dir))
+    if last_validated_step(trainer) != trainer.global_step:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    return _metrics(trainer)
+
+
+def promised(cfg: DictConfig) -> list[str]:
+    """The metrics a finished run of ``cfg`` must have stored, each finite."""
+    if cfg.task == "distill":
+        return ["val/loss", "best/val/loss"]
+    if cfg.task == "finetune":
+        return ["test/acc1"] if cfg.finetune.mode == "knn" else ["val/acc1", "best/val/acc1", "test/acc1"]
+    from distortkd.evaluation import grid_cells
+
+    return ["mean_acc1", *(f"test/{name}/{sev:g}/acc1" for name, sev, _ in grid_cells(cfg))]
 
 
 def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
@@ -154,54 +219,109 @@ def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
 
 
 def _metrics(trainer: L.Trainer) -> dict:
-    out = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
+    """The results in ``trainer.callback_metrics``: validation and test values of the final (or
+    selected) weights and the best monitored value. ``train/*`` (the last batch's values) stay in
+    ``csv/metrics.csv``: they cannot be recomputed when a finished run is recovered."""
+    out = {k: float(v) for k, v in trainer.callback_metrics.items()
+           if torch.as_tensor(v).numel() == 1 and not k.startswith("train/")}
     ckpt = trainer.checkpoint_callback
     if ckpt is not None and ckpt.best_model_score is not None:
         out[f"best/{ckpt.monitor}"] = float(ckpt.best_model_score)
     return out
 
 
+class IncompleteResults(RuntimeError):
+    """A run ended without every promised metric, or with a non-finite one: it is failed, not ok."""
+
+
+# Exit codes of a run that a signal stopped (the shell's 128 + signal number); re-running resumes it.
+_STOPPED = {"SIGTERM": 143, "SIGINT": 130}
+_JOBS: list[str] = []  # statuses of this process's multirun jobs (the basic launcher runs them here)
+
+
 def _main(cfg: DictConfig, run) -> float:
     """Runs one job; in a multirun a failing job is recorded and the sweep goes on.
 
-    Re-running a finished run (metrics.json status ok, same settings) returns its stored metrics
-    without training again, and an unfinished one resumes from its last checkpoint, unless
-    ``resume=false``. A run folder that holds a run with other settings is refused, not overwritten.
+    The whole config is checked first, before anything is written. Re-running a finished run
+    (metrics.json status ok, same settings) returns its stored metrics without training again, and
+    an unfinished one resumes from its last checkpoint, unless ``resume=false``. A run folder that
+    holds results of other settings, or results whose settings cannot be read, is refused; one in
+    use by another process too (a lock). A stopped run (SIGTERM, SIGINT) exits 143 / 130.
     """
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    if bad := _empty_override(HydraConfig.get().overrides.task):
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if bad := _empty_override(hydra_cfg.overrides.task):
         return _refuse(bad, multirun=False)  # the whole command is wrong
-    clash = _config_clash(cfg, run_dir)  # then that folder is another run's: nothing is written there
+    lock, owned = rundir.RunLock(run_dir), False
     try:
-        build_distortion(cfg.distortion)  # cheap checks first: a bad value is named before a clash
-        build_loss(cfg.loss)
-        if clash:
-            raise UserError(clash)
+        check_config(cfg, build_distortion)
+        check_writable(run_dir)
+        if _rank_zero():
+            lock.acquire()
+        _check_folder(cfg, run_dir)
+        owned = True  # from here on, what goes wrong is recorded in the folder
         if (done := _finished(cfg, run_dir)) is not None:
+            _JOBS.append("ok")
             return float(done.get(cfg.optimize_metric, math.nan))
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         if cfg.get("threads"):
             torch.set_num_threads(int(cfg.threads))
+        with open_dict(cfg):
+            cfg.provenance = upstream(cfg)
         if _rank_zero():  # in this order: the other DDP ranks read config.yaml, then metrics.json
             (run_dir / "metrics.json").unlink(missing_ok=True)
-            write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        metrics = run(cfg, run_dir)
-        _write_metrics(run_dir, {**metrics, "status": "ok"})
+            rundir.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        metrics = _complete(cfg, run(cfg, run_dir))
+        _write_metrics(run_dir, cfg, {**metrics, "status": "ok"})
+        _JOBS.append("ok")
         return float(metrics.get(cfg.optimize_metric, math.nan))
-    except (UserError, NonFiniteLossError) as err:
+    except (SystemExit, KeyboardInterrupt) as stop:
+        if (signame := _signal_of(stop)) is None:
+            raise
+        message = f"stopped by {signame}; re-run the same command to resume from {run_dir}/checkpoints/last.ckpt"
+        if owned:
+            _write_metrics(run_dir, cfg, {"status": "stopped", "error": message})
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(_STOPPED[signame]) from None  # a sweep stops too: the whole command was stopped
+    except (UserError, NonFiniteLossError, IncompleteResults) as err:
         message = _with_checkpoint(str(err), run_dir) if isinstance(err, NonFiniteLossError) else str(err)
-        if not clash:
-            _record_failure(run_dir, message, message + "\n")
+        if owned:
+            _record_failure(run_dir, cfg, message, message + "\n")
+        _JOBS.append("failed")
         return _refuse(message, multirun)
     except Exception as err:  # a crashed job must not take the rest of the sweep down
-        _record_failure(run_dir, f"{type(err).__name__}: {err}", traceback.format_exc())
+        if owned:
+            _record_failure(run_dir, cfg, f"{type(err).__name__}: {err}", traceback.format_exc())
+        _JOBS.append("failed")
         if not multirun:
             raise
         print(f"job failed ({type(err).__name__}: {err}); traceback in {run_dir}/error.log", file=sys.stderr)
         return math.nan
     finally:
+        lock.release()
         _finish_wandb()
+
+
+def _signal_of(stop: BaseException) -> str | None:
+    """Which signal stopped the run: SIGTERM (Lightning's ``SIGTERMException``) or SIGINT (a
+    KeyboardInterrupt, which Lightning turns into ``sys.exit(1)`` while handling it); None for an
+    ordinary exit such as ``_refuse``'s."""
+    if isinstance(stop, SIGTERMException):
+        return "SIGTERM"
+    if isinstance(stop, KeyboardInterrupt) or isinstance(stop.__context__, KeyboardInterrupt):
+        return "SIGINT"
+    return None
+
+
+def _complete(cfg: DictConfig, metrics: dict) -> dict:
+    """``metrics`` if every promised metric is there and every number in it is finite."""
+    missing = [k for k in promised(cfg) if k not in metrics]
+    _, bad = rundir.finite_json(metrics)
+    parts = [f"{what} {', '.join(keys[:8])}" for what, keys in (("missing", missing), ("non-finite", bad)) if keys]
+    if parts:
+        raise IncompleteResults(f"the run produced no valid result: {'; '.join(parts)}")
+    return metrics
 
 
 def _refuse(message: str, multirun: bool) -> float:
@@ -228,54 +348,41 @@ def _empty_override(overrides) -> str | None:
     return None
 
 
-# Settings that change how a run executes, not what it computes: they may differ on a resume.
-_EXECUTION_ONLY = ("resume", "paths.", "logger.", "checkpoint.", "data.num_workers", "data.pin_memory",
-                   "data.cache_dir")
+def _check_folder(cfg: DictConfig, run_dir: Path) -> None:
+    """Refuses a run folder whose results a rerun could destroy or misattribute: it holds
+    checkpoints or a finished result of other settings, or of settings that cannot be read.
 
-
-def _config_clash(cfg: DictConfig, run_dir: Path) -> str | None:
-    """Why ``run_dir`` cannot be resumed or skipped: it holds a run whose stored ``config.yaml``
-    differs from ``cfg`` (a sweep over a key the folder name leaves out would overwrite it).
-
-    Keys only one side has are not compared (configs gain keys as the code grows).
+    A folder without results (a run that failed on a bad value, before any checkpoint) never
+    blocks the corrected command. ``resume=false`` starts over whatever the folder holds.
     """
-    stored = run_dir / "config.yaml"
-    if not cfg.get("resume", True) or not stored.is_file():
-        return None
-    try:
-        old = _flat(OmegaConf.to_container(OmegaConf.load(stored)))
-    except Exception:  # an unreadable config.yaml holds nothing to protect
-        return None
-    new = _flat(OmegaConf.to_container(cfg, resolve=True))
-    keys = sorted(k for k in old.keys() & new.keys() if old[k] != new[k] and not k.startswith(_EXECUTION_ONLY))
-    if not keys:
-        return None
-    return (f"{run_dir} holds a run with other settings ({keys[0]}: {old[keys[0]]!r} there, "
-            f"{new[keys[0]]!r} now); accepted: the same settings, resume=false to start it over, "
+    if not cfg.get("resume", True) or not rundir.holds_results(run_dir):
+        return
+    old, why = rundir.read_config(run_dir)
+    if old is None:
+        raise UserError(f"{run_dir} holds results but its settings cannot be read ({why}); accepted: "
+                        "restore its config.yaml, resume=false to start the run over, or another run name")
+    keys = rundir.differences(old, OmegaConf.to_container(cfg, resolve=True))
+    if keys:
+        flat_old, flat_new = rundir.flat(old), rundir.flat(OmegaConf.to_container(cfg, resolve=True))
+        raise UserError(
+            f"{run_dir} holds a run with other settings ({keys[0]}: {flat_old[keys[0]]!r} there, "
+            f"{flat_new[keys[0]]!r} now); accepted: the same settings, resume=false to start it over, "
             "or a run name that tells the runs apart")
 
 
 def _finished(cfg: DictConfig, run_dir: Path) -> dict | None:
-    """The stored metrics of a finished run in ``run_dir`` (so it is skipped), else None."""
-    try:
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not cfg.get("resume", True) or not isinstance(metrics, dict) or metrics.get("status") != "ok":
+    """The stored metrics of a finished run in ``run_dir`` (so it is skipped), else None.
+
+    A finished run whose config.yaml was lost gets it back from the copy in metrics.json."""
+    metrics, _ = rundir.read_metrics(run_dir)
+    if not cfg.get("resume", True) or metrics is None or metrics.get("status") != "ok":
         return None
     if _rank_zero():
+        if not (run_dir / "config.yaml").is_file() and isinstance(metrics.get("config"), dict):
+            rundir.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(metrics["config"])))
         print(f"already finished: {run_dir} (metrics.json status ok); resume=false runs it again",
               file=sys.stderr)
     return metrics
-
-
-def _flat(tree, prefix: str = "") -> dict:
-    if not isinstance(tree, dict) or not tree:
-        return {prefix: tree}
-    out = {}
-    for key, sub in tree.items():
-        out.update(_flat(sub, f"{prefix}.{key}" if prefix else str(key)))
-    return out
 
 
 def _with_checkpoint(message: str, run_dir: Path) -> str:
@@ -287,16 +394,24 @@ def _with_checkpoint(message: str, run_dir: Path) -> str:
     return f"{message}; last good checkpoint: {last} (global step {step})"
 
 
-def _record_failure(run_dir: Path, error: str, log: str) -> None:
+def _record_failure(run_dir: Path, cfg: DictConfig, error: str, log: str) -> None:
     """``metrics.json`` with status failed (the report lists the cell) and ``error.log``."""
-    _write_metrics(run_dir, {"status": "failed", "error": error})
+    _write_metrics(run_dir, cfg, {"status": "failed", "error": error})
     if _rank_zero():
-        write_text(run_dir / "error.log", log)
+        rundir.write_text(run_dir / "error.log", log)
 
 
-def _write_metrics(run_dir: Path, metrics: dict) -> None:
-    if _rank_zero():
-        write_json(run_dir / "metrics.json", metrics)
+def _write_metrics(run_dir: Path, cfg: DictConfig, metrics: dict) -> None:
+    """Standard JSON with a copy of the resolved config (the run stays reportable without
+    config.yaml); a non-finite number is stored as null (``_complete`` has failed such a run)."""
+    if not _rank_zero():
+        return
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # noqa: BLE001 - a config that cannot resolve is recorded unresolved
+        config = OmegaConf.to_container(cfg, resolve=False)
+    clean, _ = rundir.finite_json({**metrics, "config": config})
+    rundir.write_json(run_dir / "metrics.json", clean)
 
 
 def _finish_wandb() -> None:
@@ -304,19 +419,60 @@ def _finish_wandb() -> None:
         sys.modules["wandb"].finish()  # otherwise the next multirun job hangs on the open run
 
 
+class WritableRunRoot(Callback):
+    """Checks that the run (or sweep) folder can be written before Hydra creates it: Hydra's own
+    ``mkdir`` would end in a stack trace. (A Hydra callback: it runs before the job does.)"""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config.hydra.sweep.dir)
+
+    @staticmethod
+    def _check(folder: str) -> None:
+        try:
+            check_writable(Path(folder))
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+
+def _entry(main) -> None:
+    """Runs a Hydra main; a multirun whose every job failed exits 1 (one that partly failed exits
+    0: its failed jobs are recorded in their folders and listed by ``distortkd-report``)."""
+    _JOBS.clear()
+    main()
+    if _JOBS and "ok" not in _JOBS:
+        print(f"error: all {len(_JOBS)} jobs failed (see the 'job failed' lines above)", file=sys.stderr)
+        sys.exit(1)
+
+
 @hydra.main(config_path=CONF, config_name="distill", version_base="1.3")
-def distill(cfg: DictConfig) -> float:
+def _distill(cfg: DictConfig) -> float:
     return _main(cfg, run_distill)
 
 
 @hydra.main(config_path=CONF, config_name="finetune", version_base="1.3")
-def finetune(cfg: DictConfig) -> float:
+def _finetune(cfg: DictConfig) -> float:
     return _main(cfg, run_finetune)
 
 
 @hydra.main(config_path=CONF, config_name="evaluate", version_base="1.3")
-def evaluate(cfg: DictConfig) -> float:
+def _evaluate(cfg: DictConfig) -> float:
     return _main(cfg, run_evaluate)
+
+
+def distill() -> None:
+    _entry(_distill)
+
+
+def finetune() -> None:
+    _entry(_finetune)
+
+
+def evaluate() -> None:
+    _entry(_evaluate)
 
 
 if __name__ == "__main__":

@@ -41,9 +41,8 @@ def grid_cells(cfg: DictConfig) -> list[tuple[str, float, distortions.Distortion
     return cells
 
 
-def load_finetuned(cfg: DictConfig, build_model, num_classes: int) -> FinetuneModule:
-    """The fine-tuned backbone + head of ``cfg.ckpt`` (``auto``: the matching finetune run)."""
-    path = Path(cfg.finetune_run) / "checkpoints" / "last.ckpt" if cfg.ckpt == "auto" else Path(cfg.ckpt)
+def load_finetuned(cfg: DictConfig, build_model, num_classes: int, path: Path) -> FinetuneModule:
+    """The fine-tuned backbone + head in checkpoint ``path``."""
     if not path.is_file():
         raise UserError(f"checkpoint {str(path)!r} does not exist; run the finetune job first or pass ckpt=")
     module = FinetuneModule(build_model(cfg.model, pretrained=False), num_classes,
@@ -84,11 +83,13 @@ def attention_maps(encoder: Encoder, teacher: FrozenTeacher, baseline: Encoder |
     return out
 
 
-def evaluate_grid(cfg: DictConfig, run_dir: Path, build_model) -> dict:
+def evaluate_grid(cfg: DictConfig, run_dir: Path, build_model, checkpoint: Path) -> dict:
+    """The grid of ``cfg`` for the fine-tuned ``checkpoint`` (the one ``cli.upstream`` chose and
+    checked, recorded in config.yaml)."""
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("test")
-    module = load_finetuned(cfg, build_model, datamodule.num_classes)
+    module = load_finetuned(cfg, build_model, datamodule.num_classes, checkpoint)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer = instantiate(trainer_cfg, logger=False, enable_checkpointing=False, callbacks=[],
                           enable_progress_bar=False, enable_model_summary=False)
@@ -120,8 +121,8 @@ def _save_attention(cfg, run_dir, module, teacher, datamodule, build_model, devi
     seeds = sample_seeds(batch["index"][:k].to(device), cfg.seed)
     baseline = None
     if cfg.attention.baseline_ckpt:
-        base_cfg = OmegaConf.merge(cfg, {"ckpt": cfg.attention.baseline_ckpt})
-        baseline = load_finetuned(base_cfg, build_model, datamodule.num_classes).encoder.to(device)
+        path = Path(cfg.attention.baseline_ckpt)
+        baseline = load_finetuned(cfg, build_model, datamodule.num_classes, path).encoder.to(device)
     from distortkd.cli import build_distortion
 
     dist = build_distortion(cfg.distortion)

@@ -16,11 +16,20 @@ holds an unfinished run (running, or killed).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 from omegaconf import OmegaConf
+
+from distortkd.errors import UserError
 
 STATUSES = ("ok", "failed", "stopped")
 
@@ -45,8 +54,9 @@ def flat(tree, prefix: str = "") -> dict:
 
 def compared(config: dict, *, seed: bool = True) -> dict:
     """The flat settings that define what a run computes (``seed`` dropped with ``seed=False``)."""
+    skip = EXECUTION_ONLY + DERIVED
     return {k: v for k, v in flat(config).items()
-            if not k.startswith(EXECUTION_ONLY + DERIVED) and (seed or k != "seed")}
+            if not (k.startswith(skip) or f"{k}." in skip) and (seed or k != "seed")}
 
 
 def differences(old: dict, new: dict) -> list[str]:
@@ -109,6 +119,15 @@ def read_config(run_dir: str | Path) -> tuple[dict | None, str | None]:
     return None, why
 
 
+def sha256(path: str | Path) -> str:
+    """The file's SHA-256 (hex), read in 1 MiB blocks (checkpoints can be GBs)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def holds_results(run_dir: str | Path) -> bool:
     """Whether the folder holds anything a rerun could destroy: checkpoints or a finished result."""
     run_dir = Path(run_dir)
@@ -116,3 +135,81 @@ def holds_results(run_dir: str | Path) -> bool:
         return True
     metrics, _ = read_metrics(run_dir)
     return metrics is not None and metrics.get("status") == "ok"
+
+
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = False) -> None:
+    """Writes ``path`` atomically: a temp file in the same folder, fsync, then rename.
+
+    Never a half file, even when killed mid-write. The file gets the permissions a plain ``open``
+    would give it (``0o666 & ~umask``): ``mkstemp`` makes it 0600, which hides a shared run root's
+    results and checkpoints from teammates.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~umask())
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # the rename must not reach the disk before the data
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text))
+
+
+def write_json(path: str | Path, obj: dict) -> None:
+    """Standard JSON only (``allow_nan=False``): callers replace non-finite floats first."""
+    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False, default=float)
+    write_text(path, text)
+
+
+class RunLock:
+    """An exclusive lock on a run folder (``.lock``, ``flock``): two identical commands never
+    train into one folder. The kernel drops the lock when the holder dies, so a killed run leaves
+    no stale lock; the file keeps who holds it, for the message.
+    """
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 500).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(f"run folder {self.path.parent} is in use by {holder}; wait for it to "
+                            "finish, or stop it and re-run this command to resume") from None
+        os.ftruncate(fd, 0)
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {started}".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

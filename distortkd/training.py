@@ -1,12 +1,10 @@
-"""Trainer assembly: checkpoints, resumable data, loggers, progress output, atomic result files."""
+"""Trainer assembly: checkpoints, resumable data, loggers, progress output."""
 
 from __future__ import annotations
 
 import csv
-import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,24 +19,13 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import Container, DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from distortkd.callbacks import AttentionPanels
 from distortkd.errors import UserError
-
-
-def write_text(path: Path, text: str) -> None:
-    """Writes atomically (temp file in the same folder, then rename): never a half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj: dict) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=float))
+from distortkd.rundir import atomic_write
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -58,18 +45,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         checkpoint = _plain(checkpoint)
         if "://" in str(path):  # remote storage: fsspec's own transaction
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())  # the rename must not reach the disk before the data
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda f: torch.save(checkpoint, f), binary=True)
 
 
 def _plain(obj):
@@ -191,6 +167,37 @@ class ResumeState(Callback):
                      and state["served"] < trainer.num_training_batches)
         if mid_epoch and isinstance(loader, ResumableLoader):
             loader.resume = state
+
+
+class LastValidation(Callback):
+    """Remembers the global step of the last validation that ran in this process (None: none)."""
+
+    step: int | None = None
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.step = trainer.global_step
+
+
+def last_validated_step(trainer: L.Trainer) -> int | None:
+    return next((cb.step for cb in trainer.callbacks if isinstance(cb, LastValidation)), None)
+
+
+class CheckpointOnSigterm(Callback):
+    """Saves ``last.ckpt`` when SIGTERM (a scheduler, ``timeout``, ``kill``) stops training.
+
+    Lightning raises ``SIGTERMException`` only between steps (after the optimizer step and the
+    logging of a batch), so the state is whole and the resume exact; it saves nothing itself.
+    Not on Ctrl+C: a KeyboardInterrupt can land inside an optimizer step, and a half-updated model
+    must never replace the last good checkpoint.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException) and trainer.training:
+            trainer.save_checkpoint(self.path)
 
 
 def checkpoint_callbacks(run_dir: Path, monitor: str, mode: str, every_n_train_steps: int | None) -> list:
@@ -322,6 +329,8 @@ def make_trainer(cfg: DictConfig, run_dir: Path, monitor: str, mode: str) -> L.T
     callbacks = [
         *checkpoint_callbacks(run_dir, monitor, mode, cfg.checkpoint.every_n_train_steps),
         ResumeState(),
+        LastValidation(),
+        CheckpointOnSigterm(run_dir / "checkpoints" / "last.ckpt"),
         RichProgressBar() if _interactive() else EpochLine(),
         AttentionPanels(run_dir, cfg.logger.get("attention_every_n_epochs", 5)),
         *(instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None),

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from distortkd.rundir import umask
+
 
 def _has_credentials() -> bool:
     if os.environ.get("WANDB_API_KEY"):
@@ -28,6 +30,7 @@ def run_id(run_dir: Path) -> str:
     if not path.is_file():
         run_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".wandb_id.")
+        os.fchmod(fd, 0o666 & ~umask())  # as open() would: teammates read shared run roots
         with os.fdopen(fd, "w") as f:
             f.write(uuid.uuid4().hex[:12])
         try:

@@ -23,7 +23,7 @@ from hydra.core.global_hydra import GlobalHydra
 from lightning.pytorch.callbacks import Callback
 from test_cli import TINY, _compose
 
-from distortkd import cli, report, training
+from distortkd import cli, report, rundir, training
 from distortkd.errors import UserError
 from distortkd.wandb_utils import run_id
 
@@ -172,6 +172,7 @@ def test_run_killed_mid_epoch_resumes_to_the_same_weights_and_metrics(tmp_path):
     log.close()
     runs = [_run_folder(tmp_path / name) for name in ("whole", "killed")]
     metrics = [json.loads((r / "metrics.json").read_text()) for r in runs]
+    assert [m.pop("config")["paths"]["root"] for m in metrics] == [str(tmp_path / n) for n in ("whole", "killed")]
     assert metrics[0] == metrics[1] and metrics[0]["status"] == "ok" and "val/loss" in metrics[0]
     weights = [torch.load(r / "checkpoints" / "last.ckpt", weights_only=True) for r in runs]
     assert weights[0]["global_step"] == weights[1]["global_step"] == 12
@@ -380,9 +381,8 @@ def _torchrun_worker(out: Path) -> None:
     loss, grads, diag = _first_step(world=2)
     torch.save({"loss": loss, "grads": grads, "diag": diag}, out / f"step{rank}.pt")
     writes, loaders = [], []
-    for name in ("write_text", "write_json"):
-        original = getattr(cli, name)
-        setattr(cli, name, lambda path, obj, f=original: (writes.append(Path(path).name), f(path, obj))[1])
+    original = rundir.write_text  # write_json writes through it too
+    rundir.write_text = lambda path, obj, f=original: (writes.append(Path(path).name), f(path, obj))[1]
     start = training.ResumeState.on_train_start
 
     def record_loader(self, trainer, module):  # Lightning re-made it with its DistributedSampler

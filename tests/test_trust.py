@@ -1,0 +1,291 @@
+"""A result is a contract: never lost, never built on an unfinished run, never ok when it is not.
+
+Each test here fails without the mechanism it names (run-folder contract in ``distortkd.rundir``,
+the life of a run in ``distortkd.cli._main``, config checks in ``distortkd.checks``).
+"""
+
+import json
+import os
+import signal
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from test_cli import TINY
+from test_reliability import BIN, _cli, _env, _run_folder
+
+from distortkd import cli, rundir, training
+
+
+def _json(path: Path) -> dict:
+    """metrics.json read as strict JSON: NaN or Infinity in it is an error."""
+    return json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))
+
+
+@pytest.fixture
+def runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTORTKD_RUNS", str(tmp_path / "runs"))
+    return tmp_path / "runs"
+
+
+def _distill(monkeypatch, capsys, *extra):
+    code, err = _cli("distill", [*TINY, *extra], monkeypatch, capsys)
+    assert code == 0, err[-2000:]
+
+
+# ------------------------------------------------------------------ 1. recovery recomputes every metric
+
+
+@pytest.mark.parametrize("task", ["distill", "finetune"])
+def test_a_lost_metrics_json_is_recomputed_whole(task, runs, monkeypatch, capsys):
+    """Rerunning a finished run whose metrics.json is gone (deleted, or killed during its final
+    test pass) resumes from the final checkpoint, which trains and validates nothing: the metrics
+    must still be the full set, equal to the first run's, not ``{best/...: x, status: ok}``."""
+    args = ["method=supervised"] if task == "finetune" else []
+    code, err = _cli(task, [*TINY, *args], monkeypatch, capsys)
+    assert code == 0, err[-2000:]
+    run = _run_folder(runs, task)
+    first = _json(run / "metrics.json")
+    (run / "metrics.json").unlink()
+    code, err = _cli(task, [*TINY, *args], monkeypatch, capsys)
+    assert code == 0 and "resuming from" in err, err[-2000:]
+    again = _json(run / "metrics.json")
+    assert again == first and again["status"] == "ok"
+    assert set(cli.promised(_compose_for(task, args))) <= again.keys()
+
+
+def _compose_for(task, args):
+    from test_cli import _compose
+
+    return _compose(task, [*TINY, *args])
+
+
+def test_non_finite_metric_fails_the_run_and_json_stays_standard(runs, monkeypatch, capsys):
+    real = cli._metrics
+    monkeypatch.setattr(cli, "_metrics", lambda trainer: {**real(trainer), "val/cos_clean": float("nan")})
+    code, err = _cli("distill", TINY, monkeypatch, capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("error: ") and "non-finite val/cos_clean" in last, err[-2000:]
+    metrics = _json(_run_folder(runs) / "metrics.json")
+    assert metrics["status"] == "failed" and "val/cos_clean" in metrics["error"]
+
+
+def test_a_missing_promised_metric_fails_the_run(runs, monkeypatch, capsys):
+    real = cli._metrics
+    monkeypatch.setattr(cli, "_metrics", lambda trainer: {k: v for k, v in real(trainer).items() if k != "val/loss"})
+    code, err = _cli("distill", TINY, monkeypatch, capsys)
+    assert code == 2 and "missing val/loss" in err.strip().splitlines()[-1]
+    assert _json(_run_folder(runs) / "metrics.json")["status"] == "failed"
+
+
+# ------------------------------------------------------------------ 2. later stages and unfinished runs
+
+
+def test_finetune_refuses_an_unfinished_student_unless_allowed(runs, monkeypatch, capsys):
+    _distill(monkeypatch, capsys)
+    student = _run_folder(runs)
+    (student / "metrics.json").unlink()  # as after a kill: checkpoints, no result
+    code, err = _cli("finetune", [*TINY, "method=ours"], monkeypatch, capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "unfinished run" in last and "allow_unfinished=true" in last, err[-2000:]
+    refused = _run_folder(runs, "finetune")
+    assert not (refused / "checkpoints").exists()
+    assert "unfinished run" in _json(refused / "metrics.json")["error"]
+
+    code, err = _cli("finetune", [*TINY, "method=ours", "allow_unfinished=true"], monkeypatch, capsys)
+    assert code == 0 and "warning: using" in err, err[-2000:]
+    config, _ = rundir.read_config(_run_folder(runs, "finetune"))
+    init = config["provenance"]["init"]
+    assert init["run_status"] == "unfinished" and config["allow_unfinished"] is True
+    assert init["sha256"] == rundir.sha256(init["path"]) and Path(init["path"]).parent.parent == student
+
+
+def test_finetune_records_the_finished_student_it_used(runs, monkeypatch, capsys):
+    _distill(monkeypatch, capsys)
+    code, err = _cli("finetune", [*TINY, "method=ours"], monkeypatch, capsys)
+    assert code == 0, err[-2000:]
+    init = rundir.read_config(_run_folder(runs, "finetune"))[0]["provenance"]["init"]
+    assert init["run_status"] == "ok" and init["path"].endswith("checkpoints/best.ckpt")
+    assert init["sha256"] == rundir.sha256(init["path"])
+
+
+def test_evaluate_refuses_an_unfinished_finetune(runs, monkeypatch, capsys):
+    code, err = _cli("finetune", [*TINY, "method=supervised"], monkeypatch, capsys)
+    assert code == 0, err[-2000:]
+    finetuned = _run_folder(runs, "finetune")
+    metrics = _json(finetuned / "metrics.json")
+    (finetuned / "metrics.json").write_text(json.dumps({**metrics, "status": "stopped", "error": "SIGTERM"}))
+    code, err = _cli("evaluate", [*TINY, "method=supervised"], monkeypatch, capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "unfinished run (status stopped: SIGTERM)" in last, err[-2000:]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_143_and_the_rerun_matches_an_uninterrupted_run(tmp_path):
+    """A SIGTERM mid-epoch: last.ckpt saved at that step, status stopped, exit 143; the same command
+    again resumes and ends bit-identical to a run that was never stopped."""
+    args = [*TINY, "data.limit_train=96", "data.limit_eval=32", "trainer.max_epochs=2", "seed=3",
+            "trainer.deterministic=true"]  # 6 steps per epoch, no step checkpoints: only the SIGTERM one
+    exe = str(BIN / "distortkd-distill")
+    term = ["+callbacks.term._target_=faults.SignalAtStep", "+callbacks.term.step=3"]
+    stopped = subprocess.run([exe, *args, *term], env=_env(tmp_path / "stopped", tests=True),
+                             capture_output=True, text=True, timeout=300)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert stopped.stderr.strip().splitlines()[-1].startswith("error: stopped by SIGTERM")
+    run = _run_folder(tmp_path / "stopped")
+    assert _json(run / "metrics.json")["status"] == "stopped"
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    for name in ("stopped", "whole"):
+        proc = subprocess.run([exe, *args], env=_env(tmp_path / name), capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [_run_folder(tmp_path / name) for name in ("whole", "stopped")]
+    metrics = [_json(r / "metrics.json") for r in runs]
+    for m in metrics:
+        m.pop("config")  # paths.root differs
+    assert metrics[0] == metrics[1] and metrics[0]["status"] == "ok"
+    weights = [torch.load(r / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"] for r in runs]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_a_sweep_whose_jobs_all_failed_exits_1(runs, monkeypatch, capsys):
+    code, err = _cli("distill", ["-m", *TINY, "trainer.max_epochs=0,-5"], monkeypatch, capsys)
+    assert code == 1 and "all 2 jobs failed" in err.strip().splitlines()[-1], err[-2000:]
+
+
+# ------------------------------------------------------------------ 5. damaged run folders, locks
+
+
+def test_unreadable_config_of_a_run_with_results_is_refused(runs, monkeypatch, capsys):
+    _distill(monkeypatch, capsys)
+    run = _run_folder(runs)
+    (run / "metrics.json").unlink()
+    (run / "config.yaml").write_text("optim: [unclosed\n")
+    before = (run / "checkpoints" / "last.ckpt").read_bytes()
+    code, err = _cli("distill", [*TINY, "optim.optimizer.lr=1e-3"], monkeypatch, capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "settings cannot be read" in last and "resume=false" in last, err[-2000:]
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() == before
+    assert (run / "config.yaml").read_text() == "optim: [unclosed\n"
+
+
+def test_deleted_config_of_a_finished_run_is_restored_and_still_guards(runs, monkeypatch, capsys):
+    _distill(monkeypatch, capsys)
+    run = _run_folder(runs)
+    original = (run / "config.yaml").read_text()
+    (run / "config.yaml").unlink()
+    code, err = _cli("distill", [*TINY, "distortion.params.sigma=0.9"], monkeypatch, capsys)
+    assert code == 2 and "distortion.params.sigma: 0.5 there, 0.9 now" in err, err[-2000:]
+    code, err = _cli("distill", TINY, monkeypatch, capsys)
+    assert code == 0 and "already finished" in err
+    assert (run / "config.yaml").is_file()
+    assert rundir.differences(rundir.read_config(run)[0], _yaml(original)) == []
+
+
+def _yaml(text: str) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.create(text))
+
+
+def test_a_run_that_failed_without_results_does_not_block_the_corrected_command(runs, monkeypatch, capsys):
+    bad = runs / "test" / "distill" / "fashion_mnist_vittest_noise_strong_multilevel_s0"
+    bad.mkdir(parents=True)  # as a failure at run time leaves it: its config and a failed status
+    (bad / "config.yaml").write_text("data:\n  path: /wrong\n")
+    (bad / "metrics.json").write_text(json.dumps({"status": "failed", "error": "no such folder"}))
+    _distill(monkeypatch, capsys)
+    assert _json(bad / "metrics.json")["status"] == "ok"
+
+
+def test_a_second_command_on_a_locked_run_folder_is_refused(runs, monkeypatch, capsys):
+    _distill(monkeypatch, capsys)
+    run = _run_folder(runs)
+    (run / "metrics.json").unlink()
+    with rundir.RunLock(run):
+        code, err = _cli("distill", TINY, monkeypatch, capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "is in use by pid" in last and str(os.getpid()) in last, err[-2000:]
+    assert not (run / "metrics.json").exists()  # the holder's folder is left alone
+    _distill(monkeypatch, capsys)  # released: the same command runs
+
+
+# ------------------------------------------------------------------ 6. permissions
+
+
+@pytest.mark.parametrize("mask,mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_results_and_checkpoints_respect_the_umask(mask, mode, tmp_path):
+    old = os.umask(mask)
+    try:
+        rundir.write_json(tmp_path / "metrics.json", {"status": "ok"})
+        training.AtomicCheckpointIO().save_checkpoint({"w": torch.ones(2)}, tmp_path / "c" / "last.ckpt")
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "metrics.json", tmp_path / "c" / "last.ckpt"):
+        assert stat.S_IMODE(path.stat().st_mode) == mode, path
+
+
+def test_a_cli_run_leaves_files_teammates_can_read(runs, monkeypatch, capsys):
+    old = os.umask(0o022)
+    try:
+        _distill(monkeypatch, capsys)
+    finally:
+        os.umask(old)
+    run = _run_folder(runs)
+    for name in ("config.yaml", "metrics.json", "checkpoints/last.ckpt", "checkpoints/best.ckpt"):
+        assert stat.S_IMODE((run / name).stat().st_mode) == 0o644, name
+
+
+# ------------------------------------------------------------------ 8. every value checked first
+
+
+@pytest.mark.parametrize(
+    "entry,args,needle",
+    [
+        ("distill", ["loss.params.alpha=0", "loss.params.beta=0", "loss.params.gamma=0"], "all 0"),
+        ("distill", ["loss.params.tau=0"], "loss.params.tau=0"),
+        ("distill", ["loss=contrastive", "loss.params.tau=-1"], "loss.params.tau=-1"),
+        ("distill", ["data.batch_size=0"], "data.batch_size=0"),
+        ("distill", ["data.eval_batch_size=-4"], "data.eval_batch_size=-4"),
+        ("distill", ["trainer.max_epochs=0"], "trainer.max_epochs=0"),
+        ("distill", ["trainer.max_steps=-2"], "trainer.max_steps=-2"),
+        ("distill", ["optim.optimizer.lr=0"], "optim.optimizer.lr=0"),
+        ("distill", ["optim.optimizer.lr=fast"], "optim.optimizer.lr='fast'"),
+        ("distill", ["seed=1.5"], "seed=1.5"),
+        ("distill", ["threads=-1"], "threads=-1"),
+        ("distill", ["data.num_workers=-1"], "data.num_workers=-1"),
+        ("distill", ["optim.warmup=-0.1"], "optim.warmup=-0.1"),
+        ("distill", ["method=mine"], "method='mine'"),
+        ("finetune", ["finetune.knn_k=0"], "finetune.knn_k=0"),
+        ("finetune", ["finetune.mode=probe"], "finetune.mode='probe'"),
+        ("finetune", ["finetune.test_ckpt=first"], "finetune.test_ckpt='first'"),
+        ("distill", ["model.img_size=30", "model.timm_kwargs.img_size=30"], "not a multiple of"),
+        ("distill", ["data.image_size=64"], "input size 32"),
+        ("evaluate", ["families=[fog]"], "unknown evaluation family 'fog'"),
+        ("evaluate", ["suite=imagenet_c"], "suite='imagenet_c'"),
+        ("distill", ["paths.root=/proc/distortkd"], "cannot write run folder /proc/distortkd"),
+    ],
+)
+def test_bad_values_are_refused_before_any_work(entry, args, needle, runs, monkeypatch, capsys):
+    built = []
+    monkeypatch.setattr(cli, "build_model", lambda *a, **k: built.append(1))
+    code, err = _cli(entry, [*TINY, *args], monkeypatch, capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("error: ") and needle in last, err[-2000:]
+    assert "Traceback" not in err and not built
+    written = [p for p in runs.rglob("*") if p.is_file() and ".hydra" not in p.parts]  # Hydra's own copy
+    assert written == []
+
+
+def test_the_stopped_exit_codes_are_the_shells(monkeypatch):
+    assert cli._signal_of(training.SIGTERMException()) == "SIGTERM"
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise SystemExit(1) from None  # what Lightning does on Ctrl+C
+    except SystemExit as stop:
+        assert cli._signal_of(stop) == "SIGINT"
+    assert cli._signal_of(SystemExit(2)) is None
+    assert cli._STOPPED == {"SIGTERM": 128 + signal.SIGTERM, "SIGINT": 128 + signal.SIGINT}
