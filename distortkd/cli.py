@@ -106,36 +106,19 @@ def upstream(cfg: DictConfig) -> dict:
     """
     if cfg.task == "finetune":
         path = resolve_init(cfg)
-        return {} if path is None else {"init": _checked_upstream(Path(path), cfg)}
+        return {} if path is None else {"init": rundir.checked_upstream(Path(path), cfg.get("allow_unfinished", False))}
     if cfg.task == "evaluate":
         name = "best.ckpt" if cfg.finetune.test_ckpt == "best" else "last.ckpt"
         path = Path(cfg.finetune_run) / "checkpoints" / name if cfg.ckpt == "auto" else Path(cfg.ckpt)
         if not path.is_file():
             raise UserError(f"checkpoint {str(path)!r} does not exist; run the finetune job first or pass ckpt=")
-        return {"checkpoint": _checked_upstream(path, cfg)}
+        return {"checkpoint": rundir.checked_upstream(path, cfg.get("allow_unfinished", False))}
     return {}
 
 
 def provenance(cfg: DictConfig) -> dict:
     """``cfg.provenance`` as ``_main`` recorded it, else worked out now (a notebook, a test)."""
     return OmegaConf.to_container(cfg.provenance) if cfg.get("provenance") is not None else upstream(cfg)
-
-
-def _checked_upstream(path: Path, cfg: DictConfig) -> dict:
-    record = {"path": str(path.resolve()), "sha256": rundir.sha256(path)}
-    run = path.parent.parent if path.parent.name == "checkpoints" else None
-    if run is None or not ((run / "config.yaml").is_file() or (run / "metrics.json").is_file()):
-        return record  # a file from elsewhere: nothing to check it against
-    metrics, why = rundir.read_metrics(run)
-    status = metrics.get("status") if metrics else None
-    record.update(run=str(run.resolve()), run_status=status or "unfinished")
-    if status != "ok":
-        reason = why if metrics is None else f"status {status}: {metrics.get('error', '')}".rstrip(": ")
-        if not cfg.get("allow_unfinished", False):
-            raise UserError(f"{path} belongs to an unfinished run ({reason}); finish it by re-running its "
-                            "command, or pass allow_unfinished=true to use it anyway (recorded in config.yaml)")
-        print(f"warning: using {path} of an unfinished run ({reason}): allow_unfinished=true", file=sys.stderr)
-    return record
 
 
 def run_distill(cfg: DictConfig, run_dir: Path) -> dict:
@@ -259,7 +242,8 @@ def _main(cfg: DictConfig, run) -> float:
         check_writable(run_dir)
         if _rank_zero():
             lock.acquire()
-        _check_folder(cfg, run_dir)
+        if cfg.get("resume", True):
+            rundir.check_folder(run_dir, OmegaConf.to_container(cfg, resolve=True))
         owned = True  # from here on, what goes wrong is recorded in the folder
         if (done := _finished(cfg, run_dir)) is not None:
             _JOBS.append("ok")
@@ -346,28 +330,6 @@ def _empty_override(overrides) -> str | None:
             return (f"override {override!r} has an empty value; accepted: a value, {key}=null, "
                     f"or {key}=\"''\" for an empty string")
     return None
-
-
-def _check_folder(cfg: DictConfig, run_dir: Path) -> None:
-    """Refuses a run folder whose results a rerun could destroy or misattribute: it holds
-    checkpoints or a finished result of other settings, or of settings that cannot be read.
-
-    A folder without results (a run that failed on a bad value, before any checkpoint) never
-    blocks the corrected command. ``resume=false`` starts over whatever the folder holds.
-    """
-    if not cfg.get("resume", True) or not rundir.holds_results(run_dir):
-        return
-    old, why = rundir.read_config(run_dir)
-    if old is None:
-        raise UserError(f"{run_dir} holds results but its settings cannot be read ({why}); accepted: "
-                        "restore its config.yaml, resume=false to start the run over, or another run name")
-    keys = rundir.differences(old, OmegaConf.to_container(cfg, resolve=True))
-    if keys:
-        flat_old, flat_new = rundir.flat(old), rundir.flat(OmegaConf.to_container(cfg, resolve=True))
-        raise UserError(
-            f"{run_dir} holds a run with other settings ({keys[0]}: {flat_old[keys[0]]!r} there, "
-            f"{flat_new[keys[0]]!r} now); accepted: the same settings, resume=false to start it over, "
-            "or a run name that tells the runs apart")
 
 
 def _finished(cfg: DictConfig, run_dir: Path) -> dict | None:

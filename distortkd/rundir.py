@@ -21,6 +21,7 @@ import json
 import math
 import os
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -117,6 +118,50 @@ def read_config(run_dir: str | Path) -> tuple[dict | None, str | None]:
     if metrics is not None and isinstance(metrics.get("config"), dict):
         return metrics["config"], None
     return None, why
+
+
+def check_folder(run_dir: str | Path, config: dict) -> None:
+    """Refuses a run folder whose results a rerun could destroy or misattribute: it holds
+    checkpoints or a finished result of other settings, or of settings that cannot be read.
+
+    A folder without results (a run that failed on a bad value, before any checkpoint) never
+    blocks the corrected command; ``resume=false`` (callers skip this check) starts over.
+    """
+    if not holds_results(run_dir):
+        return
+    old, why = read_config(run_dir)
+    if old is None:
+        raise UserError(f"{run_dir} holds results but its settings cannot be read ({why}); accepted: "
+                        "restore its config.yaml, resume=false to start the run over, or another run name")
+    if keys := differences(old, config):
+        there, now = flat(old)[keys[0]], flat(config)[keys[0]]
+        raise UserError(f"{run_dir} holds a run with other settings ({keys[0]}: {there!r} there, {now!r} "
+                        "now); accepted: the same settings, resume=false to start it over, or a run name "
+                        "that tells the runs apart")
+
+
+def checked_upstream(path: Path, allow_unfinished: bool = False) -> dict:
+    """What a run records of a checkpoint it builds on: path, SHA-256 and, for a checkpoint in
+    another run's folder, that run and its status.
+
+    Raises:
+        UserError: the checkpoint belongs to a run that did not finish (metrics.json status not
+            ok, or none), unless ``allow_unfinished`` (then a warning on stderr).
+    """
+    record = {"path": str(path.resolve()), "sha256": sha256(path)}
+    run = path.parent.parent if path.parent.name == "checkpoints" else None
+    if run is None or not ((run / "config.yaml").is_file() or (run / "metrics.json").is_file()):
+        return record  # a file from elsewhere: nothing to check it against
+    metrics, why = read_metrics(run)
+    status = metrics.get("status") if metrics else None
+    record.update(run=str(run.resolve()), run_status=status or "unfinished")
+    if status != "ok":
+        reason = why if metrics is None else f"status {status}: {metrics.get('error', '')}".rstrip(": ")
+        if not allow_unfinished:
+            raise UserError(f"{path} belongs to an unfinished run ({reason}); finish it by re-running its "
+                            "command, or pass allow_unfinished=true to use it anyway (recorded in config.yaml)")
+        print(f"warning: using {path} of an unfinished run ({reason}): allow_unfinished=true", file=sys.stderr)
+    return record
 
 
 def sha256(path: str | Path) -> str:
