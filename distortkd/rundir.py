@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -116,3 +117,23 @@ def holds_results(run_dir: str | Path) -> bool:
         return True
     metrics, _ = read_metrics(run_dir)
     return metrics is not None and metrics.get("status") == "ok"
+
+
+def setting(config: dict) -> dict:
+    """What a run computes apart from its seed: the settings that decide which runs may pool.
+
+    :func:`compared` without ``seed``, and also without what the seed leaks into: ``*.seed``
+    copies of it (``data.seed: ${seed}``) and run names in paths (``…_s3/checkpoints``). Paths
+    under the run root are written relative to it, so two run roots can hold the same setting.
+    """
+    seed, root = config.get("seed"), (config.get("paths") or {}).get("root")
+    seed_name = re.compile(rf"_s{re.escape(str(seed))}(?=[/_.]|$)")
+    out = {}
+    for key, value in compared(config, seed=False).items():
+        if key.endswith(".seed") and value == seed:
+            continue
+        if isinstance(value, str):
+            value = value.replace(root, "<runs>") if isinstance(root, str) and root else value
+            value = seed_name.sub("_s<seed>", value)
+        out[key] = value
+    return out
