@@ -39,10 +39,10 @@ from distortkd.runs import (  # noqa: F401  (re-exported: report.load_runs etc. 
 from distortkd.tables import (  # noqa: F401  (re-exported: report.pivot_table etc. are public)
     MISSING,
     Table,
-    setting_labels,
     make_table,
     make_tables,
     pivot_table,
+    setting_labels,
     to_latex,
     to_markdown,
 )

@@ -214,9 +214,9 @@ def setting_labels(df: pd.DataFrame, cell: Sequence[str], by: Sequence[str]) -> 
             keys.setdefault(owner, set()).update(_differing(group.unique()))
     for owner, names in keys.items():
         mine = placed[np.logical_and.reduce([placed[k].eq(v) for k, v in zip(by, owner, strict=True)])]
-        flats = sets[mine.index].map(lambda s: json.loads(s) if s.startswith("{") else {"path": s})
-        labels[mine.index] = flats.map(
-            lambda f, names=sorted(names): ", ".join(f"{k}={_show(f.get(k, 'unset'))}" for k in names))
+        for index, text in sets[mine.index].items():
+            flat = json.loads(text) if text.startswith("{") else {"path": text}
+            labels[index] = ", ".join(f"{k}={_show(flat.get(k, 'unset'))}" for k in sorted(names))
     return labels
 
 

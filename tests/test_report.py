@@ -33,6 +33,8 @@ def write_run(root, name, metrics, **fields):
     }
     if "loss" in fields:
         cfg["loss"] = {"name": fields["loss"]}
+    if "params" in fields:
+        cfg["distortion"]["params"] = fields["params"]
     run = root / name
     run.mkdir(parents=True)
     OmegaConf.save(OmegaConf.create(cfg), run / "config.yaml")
