@@ -15,6 +15,7 @@ finished, no usable value (missing, null, NaN, inf), or a conflict.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import numbers
 import re
@@ -31,13 +32,15 @@ MISSING = "—"
 class Pivot:
     """Mean, sample std and seed count of a metric per cell (NaN / 0 where no finished run);
     ``failed`` maps a cell ``(row key, column key)`` to paths of its failed or unfinished runs;
-    ``left_out`` lists ``(path, reason)`` of every placed run that gave no value."""
+    ``left_out`` lists ``(path, reason)`` of every placed run that gave no value; ``unused`` maps
+    a cell to the finished runs among them."""
 
     mean: pd.DataFrame
     std: pd.DataFrame
     n: pd.DataFrame
     failed: dict = field(default_factory=dict)
     left_out: list = field(default_factory=list)
+    unused: dict = field(default_factory=dict)
 
     def formatted(self, scale: float = 100.0, digits: int = 1) -> pd.DataFrame:
         """Cells as ``"mean ± std"`` strings (the mean alone for one seed), ``—`` when missing."""
@@ -135,12 +138,21 @@ def pivot_table(df: pd.DataFrame, rows: str | list[str], cols: str | list[str], 
     if not stats.empty:
         wide = {name: stats[name].unstack(list(range(nrow, len(keys)))) for name in stats}
         grid = {k: v.reindex(index=index, columns=columns).astype(float) for k, v in wide.items()}
-    failed = {}
-    for key, group in placed[placed["status"].ne("ok")].groupby(keys, sort=False):
-        cell = tuple(k[0] if len(k) == 1 else k for k in (key[:nrow], key[nrow:]))
-        failed[cell] = group["path"].tolist()
+    failed, unused = _by_cell(placed[placed["status"].ne("ok")], keys, nrow), {}
+    if left or conflicts:
+        paths = {p for p, _ in left + conflicts}
+        unused = _by_cell(placed[placed["status"].eq("ok") & placed["path"].isin(paths)], keys, nrow)
     return Pivot(grid["mean"], grid["std"], grid["n"].fillna(0).astype(int), failed,
-                 left + conflicts)
+                 left + conflicts, unused)
+
+
+def _by_cell(df: pd.DataFrame, keys: list[str], nrow: int) -> dict:
+    """``{(row key, column key): [paths]}`` of the runs in ``df``."""
+    out = {}
+    for key, group in df.groupby(keys, sort=False):
+        cell = tuple(k[0] if len(k) == 1 else k for k in (key[:nrow], key[nrow:]))
+        out[cell] = group["path"].tolist()
+    return out
 
 
 @dataclass
@@ -180,8 +192,10 @@ def make_table(name: str, title: str, piv: Pivot, row_header: str, what: str,
     for r in cells.index:
         for c in cells.columns:
             if cells.at[r, c] == MISSING:
-                paths = piv.failed.get((r, c))
-                why = f"failed or unfinished: {', '.join(paths)}" if paths else "no run"
+                paths, unused = piv.failed.get((r, c)), piv.unused.get((r, c))
+                why = [f"failed or unfinished: {', '.join(paths)}"] if paths else []
+                why += [f"left out (see Left out): {', '.join(unused)}"] if unused else []
+                why = "; ".join(why) or "no run"
                 missing.append(f"{row_label(r)} × {col_label(c)} ({why})")
     cells.index = [row_label(r) for r in cells.index]
     cells.columns = [col_label(c) for c in cells.columns]
@@ -190,6 +204,15 @@ def make_table(name: str, title: str, piv: Pivot, row_header: str, what: str,
 
 def _show(value: object) -> str:
     return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def _tag(flat: dict, names: list[str], setting: str, most: int = 3) -> str:
+    """``key=value, …`` for ``names``; past ``most`` keys, a count and a digest of the whole
+    setting keep different settings apart without a label as long as the config."""
+    shown = ", ".join(f"{k}={_show(flat.get(k, 'unset'))}" for k in names[:most])
+    if len(names) <= most:
+        return shown
+    return f"{shown}, +{len(names) - most} keys #{hashlib.sha1(setting.encode()).hexdigest()[:6]}"
 
 
 def setting_labels(df: pd.DataFrame, cell: Sequence[str], by: Sequence[str]) -> pd.Series:
@@ -216,7 +239,8 @@ def setting_labels(df: pd.DataFrame, cell: Sequence[str], by: Sequence[str]) -> 
         mine = placed[np.logical_and.reduce([placed[k].eq(v) for k, v in zip(by, owner, strict=True)])]
         for index, text in sets[mine.index].items():
             flat = json.loads(text) if text.startswith("{") else {"path": text}
-            labels[index] = ", ".join(f"{k}={_show(flat.get(k, 'unset'))}" for k in sorted(names))
+            if any(k in flat for k in names):  # all unset: one setting of its cell, needs no tag
+                labels[index] = _tag(flat, sorted(names), text)
     return labels
 
 

@@ -165,3 +165,14 @@ def test_one_table_per_dataset(tmp_path, capsys):
     _, inet = parse_table(section(md, "Table 3: loss ablation, accuracy (%) (imagenet100)"))
     assert fm == {"Global": {"Random Mask": "30.0", "Gaussian Noise": "30.0", "Gaussian Blur": "30.0"}}
     assert inet["Global"]["Random Mask"] == f"{100 * acc('ours', 'mask_strong', 0, loss='global'):.1f}"
+
+
+def test_settings_that_differ_in_many_keys_get_short_distinct_tags(tmp_path, capsys):
+    for i, sigma in enumerate((0.5, 0.05)):
+        write_run(tmp_path, f"r{i}", {"test/acc1": 0.5 + 0.1 * i}, distortion="noise_strong",
+                  params={"sigma": sigma, "a": i, "b": i, "c": i})
+    md = _report(capsys, tmp_path, "--out", tmp_path / "out", "--only", "table1")
+    _, cells = parse_table(section(md, "Table 1"))
+    assert len(cells) == 2 and sorted(c["Ours"] for c in cells.values()) == ["50.0", "60.0"]
+    assert all(label.startswith("noise_strong [distortion.params.a=") and "+1 keys #" in label
+               for label in cells)
