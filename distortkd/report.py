@@ -90,7 +90,7 @@ def with_value(df: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, str]:
             used[name] = int((fill & df["status"].eq("ok")).sum())
             value = value.where(~fill, df[name])
     text = ", ".join(f"`{m}` ({k} runs)" for m, k in used.items() if k) or f"`{metric}`"
-    why = df["bad"].map(lambda b: _why(b, names)) if "bad" in df else "no " + f"`{metric}`"
+    why = df["bad"].map(lambda b: _why(b, names)) if "bad" in df else f"no `{metric}`"
     return (df.assign(value=value.astype(float), _why=why),
             text + (" in %" if "acc" in metric else " ×100"))
 
@@ -259,7 +259,7 @@ def diagnostics(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
 
 def demo(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
     """Demo: (distortion, label fraction) × method, and Δ = Ours − Supervised (of the means)."""
-    sel = _main_loss(_finetune(runs, opts, None))
+    sel = _main_loss(_finetune(runs, opts, False))
     sel = sel[sel["finetune.mode"].fillna("full").eq("full") & sel["distortion.family"].ne("identity")]
     sel, what = with_value(sel[sel["method"].isin(["supervised", "ours"])], opts.metric)
     tables = make_tables("demo", "Demo: accuracy by distortion and label fraction (%)", sel,
