@@ -1,12 +1,24 @@
 """``distortkd-report``: the paper's tables and figures rebuilt from run folders alone (no W&B).
 
-Run folders are read by :mod:`distortkd.runs`: a failed run is listed, and its cell missing.
-A cell is the mean ± sample std (ddof=1) over seeds; a seed that ran twice is averaged first.
+Run folders are read by :mod:`distortkd.runs`. A cell is the mean ± sample std (ddof=1) over
+seeds of runs whose settings are identical but for the seed; a seed that ran twice with identical
+settings is averaged first. Runs that land in the same cell with different settings are never
+pooled: each setting gets its own row, tagged with the keys that tell them apart
+(``noise_strong [distortion.params.sigma=0.05]``, see :mod:`distortkd.tables`); the held-out
+tables tag the model column instead. ``n`` (the seed count in the footnote) counts pooled runs only.
+
+Nothing is dropped silently: every run that gives a table no value — failed, stopped, unfinished,
+a config that cannot be read, a metric that is missing, null, NaN or inf — is listed under
+"Left out" with the reason, and its cell stays in the missing-cell list. Tables are built from
+whatever datasets their runs used (one table per dataset for tables 1 and 3); the filters that
+remain are each table's definition (e.g. all labels, strong presets), named when it is skipped.
+Filter options that match no run, and unknown metrics, are errors (exit 2), never an empty report.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -17,6 +29,7 @@ import pandas as pd
 from distortkd import figures
 from distortkd.errors import UserError, unknown
 from distortkd.runs import (  # noqa: F401  (re-exported: report.load_runs etc. are public)
+    BASE_COLUMNS,
     ROW_METRICS,
     find_run_dirs,
     load_rows,
@@ -29,6 +42,7 @@ from distortkd.tables import (  # noqa: F401  (re-exported: report.pivot_table e
     make_table,
     make_tables,
     pivot_table,
+    setting_labels,
     to_latex,
     to_markdown,
 )
@@ -51,20 +65,34 @@ REPRESENTATION = {"val/cos_clean_baseline": "Before: teacher(distorted) vs teach
 # ---------------------------------------------------------------------------------- selections
 
 
+def _why(bad: object, names: Sequence[str]) -> str:
+    """Why a finished run gives no value: the first of ``names`` it stored as null/NaN/inf, else
+    that it has none of them."""
+    bad = bad if isinstance(bad, dict) else {}
+    stored = [f"`{n}` is {bad[n]}" for n in names if n in bad]
+    return stored[0] if stored else "no " + " or ".join(f"`{n}`" for n in names)
+
+
 def with_value(df: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, str]:
-    """Adds column ``value``: ``metric``, or ``val/acc1`` for runs lacking ``test/acc1``.
+    """Adds column ``value``: ``metric``, or ``val/acc1`` for runs lacking ``test/acc1`` (not for
+    runs that stored it as null/NaN/inf: those are left out), and ``_why`` (why a run has none).
 
     Returns:
         The frame, and a footnote text naming the metric(s) used and how many runs each filled.
     """
+    names = [metric, *(["val/acc1"] if metric == "test/acc1" else [])]
     value, used = pd.Series(np.nan, index=df.index), {}
-    for name in [metric, *(["val/acc1"] if metric == "test/acc1" else [])]:
+    stored_bad = df["bad"].map(lambda b: isinstance(b, dict) and metric in b) if "bad" in df \
+        else pd.Series(False, index=df.index)
+    for name in names:
         if name in df:
-            fill = value.isna() & df[name].notna()
+            fill = value.isna() & df[name].notna() & ~stored_bad
             used[name] = int((fill & df["status"].eq("ok")).sum())
             value = value.where(~fill, df[name])
     text = ", ".join(f"`{m}` ({k} runs)" for m, k in used.items() if k) or f"`{metric}`"
-    return df.assign(value=value.astype(float)), text + (" in %" if "acc" in metric else " ×100")
+    why = df["bad"].map(lambda b: _why(b, names)) if "bad" in df else f"no `{metric}`"
+    return (df.assign(value=value.astype(float), _why=why),
+            text + (" in %" if "acc" in metric else " ×100"))
 
 
 def _ranked(df: pd.DataFrame, column: str, order: Iterable) -> pd.DataFrame:
@@ -95,14 +123,18 @@ def _scope(df: pd.DataFrame, opts) -> pd.DataFrame:
     return df[df["data.name"].eq(opts.data)] if opts.data else df
 
 
-def _finetune(runs: pd.DataFrame, opts, default_data: Sequence[str] | None) -> pd.DataFrame:
-    """Fine-tuning runs of ``--experiment``, else on ``default_data`` (or ``--data``) with all
-    labels; ``default_data=None`` keeps every dataset and label fraction."""
+def _finetune(runs: pd.DataFrame, opts, all_labels: bool) -> pd.DataFrame:
+    """Fine-tuning runs of ``--experiment``, else (with ``all_labels``) those with all labels;
+    every dataset is kept: a table is built from whatever its runs used."""
     sel = _scope(runs[runs["task"].eq("finetune")], opts)
-    if default_data is not None and not opts.experiment:
-        sel = sel[sel["data.label_fraction"].eq(1.0)]
-        sel = sel if opts.data else sel[sel["data.name"].isin(default_data)]
-    return sel
+    return sel[sel["data.label_fraction"].eq(1.0)] if all_labels and not opts.experiment else sel
+
+
+def _in_domain(df: pd.DataFrame, transfer: bool = False) -> pd.DataFrame:
+    """Runs fine-tuned on the data their student was distilled on (``pretrain.data``; unknown
+    counts as in-domain), or with ``transfer`` on other data: a rule, not a list of datasets."""
+    other = df["pretrain.data"].notna() & df["pretrain.data"].ne(df["data.name"])
+    return df[other] if transfer else df[~other]
 
 
 def _main_loss(df: pd.DataFrame) -> pd.DataFrame:
@@ -119,16 +151,18 @@ def _family(f: str, short: bool = False) -> str:
 
 
 def table1(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
-    """Table 1, in-domain: distortion preset × method, ImageNet-100 with all labels."""
-    sel, what = with_value(_main_loss(_finetune(runs, opts, ["imagenet100"])), opts.metric)
+    """Table 1, in-domain (fine-tuned on the distillation data): distortion preset × method with
+    all labels, one table per dataset."""
+    sel, what = with_value(_main_loss(_in_domain(_finetune(runs, opts, True))), opts.metric)
     return make_tables("table1", "Table 1: in-domain accuracy (%)", sel, "distortion.name",
                        "method", "Distortion", what, orders=(PRESET_ORDER, METHODS),
-                       col_label=_method)
+                       per=("data.name",), col_label=_method)
 
 
 def table2(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
-    """Table 2, transfer: (method, family of the strong preset) × downstream dataset."""
-    sel = _main_loss(_finetune(runs, opts, list(TRANSFER)))
+    """Table 2, transfer: (method, family of the strong preset) × downstream dataset: every
+    dataset other than the one the student was distilled on (``pretrain.data``), all labels."""
+    sel = _main_loss(_in_domain(_finetune(runs, opts, True), transfer=True))
     sel, what = with_value(sel[sel["distortion.name"].isin(STRONG)], opts.metric)
     names = {**METHODS, "supervised": "Baseline"}
     label = lambda k: f"{names.get(k[1], k[1])} ({_family(k[0], True)})"  # noqa: E731
@@ -140,13 +174,14 @@ def table2(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
 
 
 def table3(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
-    """Table 3, loss ablation of our method: loss × family of the strong preset."""
-    sel = _finetune(runs, opts, ["imagenet100"])
+    """Table 3, loss ablation of our method: loss × family of the strong preset, with all
+    labels, one table per dataset."""
+    sel = _in_domain(_finetune(runs, opts, True))
     sel = sel[sel["method"].eq("ours") & sel["distortion.name"].isin(STRONG)]
     sel, what = with_value(sel, opts.metric)
     return make_tables("table3", "Table 3: loss ablation, accuracy (%)", sel, "loss.name",
                        "distortion.family", "Loss", what, orders=(LOSSES, FAMILIES),
-                       row_label=lambda k: LOSSES.get(k, k), col_label=_family)
+                       per=("data.name",), row_label=lambda k: LOSSES.get(k, k), col_label=_family)
 
 
 def mce(rows: pd.DataFrame, metric: str = "acc1") -> pd.DataFrame:
@@ -177,6 +212,8 @@ def mce(rows: pd.DataFrame, metric: str = "acc1") -> pd.DataFrame:
 def heldout(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
     """Held-out corruptions: accuracy per corruption × severity per model, then CE and mCE."""
     sel = with_variant(_scope(rows[rows["suite"].eq("heldout")], opts))
+    tag = setting_labels(sel, ["distortion", "severity", "variant"], ["variant"])
+    sel = sel.assign(variant=sel["variant"] + tag.map(lambda t: f" [{t}]" if t else ""))
     tables = make_tables("heldout", "Held-out corruptions: accuracy (%)", sel,
                          ["distortion", "severity"], "variant", "Corruption / severity",
                          "`acc1` of evaluate rows in %", value="acc1", split=(),
@@ -191,6 +228,15 @@ def heldout(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
     return tables
 
 
+def _teacher_setting(setting: object) -> object:
+    """What a teacher reference row depends on: the model and the data (the row gives the
+    distortion), not which student the evaluate run scored; so they pool across students."""
+    if not isinstance(setting, str):
+        return setting
+    keep = {k: v for k, v in json.loads(setting).items() if k.startswith(("model.", "data."))}
+    return json.dumps(keep, sort_keys=True)
+
+
 def diagnostics(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
     """Representation diagnostics per model × distortion, averaged over severities per seed; the
     rows' ``teacher_*`` values (teacher on distorted vs on clean) give a "Teacher" reference."""
@@ -198,9 +244,11 @@ def diagnostics(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
     present = [m for m in ROW_METRICS if m in sel and sel[m].notna().any()]
     pre = {f"teacher_{m}": m for m in present if f"teacher_{m}" in sel}
     if pre:
-        teacher = sel.drop(columns=present).rename(columns=pre).assign(variant="Teacher (distorted)")
+        teacher = sel.drop(columns=present).rename(columns=pre).assign(
+            variant="Teacher (distorted)", setting=sel["setting"].map(_teacher_setting))
         sel = pd.concat([teacher, sel], ignore_index=True)
-    long = sel.melt(id_vars=["variant", "distortion", "seed", "path", "status"], value_vars=present,
+    ids = ["variant", "distortion", "seed", "path", "status", "setting"]
+    long = sel.melt(id_vars=ids, value_vars=present,
                     var_name="metric", value_name="v").dropna(subset=["v"])
     order = list(long[["variant", "distortion"]].itertuples(index=False, name=None))
     return make_tables("diagnostics", "Diagnostics (evaluate rows)", long,
@@ -211,7 +259,7 @@ def diagnostics(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
 
 def demo(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
     """Demo: (distortion, label fraction) × method, and Δ = Ours − Supervised (of the means)."""
-    sel = _main_loss(_finetune(runs, opts, None))
+    sel = _main_loss(_finetune(runs, opts, False))
     sel = sel[sel["finetune.mode"].fillna("full").eq("full") & sel["distortion.family"].ne("identity")]
     sel, what = with_value(sel[sel["method"].isin(["supervised", "ours"])], opts.metric)
     tables = make_tables("demo", "Demo: accuracy by distortion and label fraction (%)", sel,
@@ -229,10 +277,11 @@ def demo(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
 def representation(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
     """Cosine to the clean teacher before (teacher on distorted) and after (student) distilling."""
     sel = _scope(runs[runs["task"].eq("distill") & runs["method"].eq("ours")], opts)
-    ids = ["method", "distortion.name", "model.name", "loss.name", "seed", "path", "status"]
+    ids = ["method", "distortion.name", "model.name", "loss.name", "seed", "path", "status",
+           "setting", "bad"]
     long = sel.melt(id_vars=ids, value_vars=[m for m in REPRESENTATION if m in sel],
-                    var_name="metric", value_name="v")
-    long = long[long["v"].notna() | long["status"].ne("ok")]  # failed runs stay, as missing cells
+                    var_name="metric", value_name="v")  # NaN values stay: they are listed
+    long = long.assign(_why=[_why(b, [m]) for b, m in zip(long["bad"], long["metric"], strict=True)])
     return make_tables("representation", "Representation: CLS cosine to the clean teacher", long,
                        "distortion.name", "metric", "Distortion", "validation-set cosine",
                        value="v", split=("model.name", "loss.name"),
@@ -309,17 +358,40 @@ def make_figure(name: str, runs: pd.DataFrame, rows: pd.DataFrame, opts, out: Pa
     return figures.attention_figures(npz[0], out) if npz else []
 
 
-def _document(opts, runs: pd.DataFrame, sections: list, made: list, skipped: list) -> str:
+# What each filtered table keeps, named when it is skipped so that its filter is never silent.
+SCOPES = {"table1": "fine-tune runs on their distillation data (pretrain.data) with all labels "
+                    "(data.label_fraction=1, unless --experiment)",
+          "table2": "fine-tune runs of a strong preset on other data than pretrain.data, with all "
+                    "labels unless --experiment",
+          "table3": "our method's fine-tune runs of a strong preset on their distillation data, "
+                    "with all labels unless --experiment",
+          "demo": "fine-tune runs (full) of ours and supervised on a distortion"}
+
+
+def _left_out(runs: pd.DataFrame, tables: dict[str, list[Table]]) -> list[str]:
+    """One line per run folder that gives some table no value: path, reason(s), tables."""
+    why: dict[str, dict[str, list[str]]] = {}
+    for r in runs[runs["status"].ne("ok")].itertuples():
+        why.setdefault(r.path, {}).setdefault(f"{r.status}: {r.error}", [])
+    for name, made in tables.items():
+        for path, reason in (x for t in made if t.pivot for x in t.pivot.left_out):
+            names = why.setdefault(path, {}).setdefault(reason, [])
+            names += [] if name in names else [name]
+    return [f"- `{path}`: " + "; ".join(f"{r} ({', '.join(n)})" if n else r for r, n in rs.items())
+            for path, rs in sorted(why.items())]
+
+
+def _document(opts, runs: pd.DataFrame, sections: list, made: list, skipped: list,
+              left: list[str]) -> str:
     n = runs["status"].value_counts()
     lines = ["# distortkd results", "",
              f"{len(runs)} run folders under {', '.join(map(str, opts.dirs))}: {n.get('ok', 0)} "
-             f"finished, {n.get('failed', 0)} failed, {n.get('missing', 0)} without metrics.json.",
-             "", *sections]
+             f"finished, {n.get('failed', 0)} failed, {n.get('stopped', 0)} stopped, "
+             f"{n.get('missing', 0)} without metrics.json.", "", *sections]
     lines += ["## Figures", "", *(f"- `{p.name}`" for p in made), ""] if made else []
     lines += ["## Skipped", "", *skipped, ""] if skipped else []
-    bad = runs[runs["status"].ne("ok")]
-    lines += ["## Failed or unfinished runs", ""] if len(bad) else []
-    lines += [f"- `{r.path}`: {r.status} ({r.error})" for r in bad.itertuples()]
+    note = "Run folders that give a table no value, and why (their cells are listed as missing)."
+    lines += ["## Left out", "", note, "", *left] if left else []
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -333,6 +405,27 @@ def _wanted(opts) -> list[str]:
     return names
 
 
+def _metrics(runs: pd.DataFrame) -> set[str]:
+    """The scalar metric names the scanned runs hold (``test/acc1`` whenever it can fall back)."""
+    internal = {*BASE_COLUMNS, "value", "_why"}
+    names = {c for c in runs.columns if c not in internal}
+    return names | ({"test/acc1"} if "val/acc1" in names else set())
+
+
+def _check_filters(opts, runs: pd.DataFrame) -> None:
+    """Every filter option given names something the scanned runs hold, and together they match
+    a run (``opts.metric`` None: the default, which a layout without fine-tunes need not hold)."""
+    if opts.metric is not None and opts.metric not in _metrics(runs):
+        raise unknown("--metric", opts.metric, _metrics(runs) or ["(no metrics in these runs)"])
+    for flag, column in (("experiment", "experiment"), ("data", "data.name")):
+        value = getattr(opts, flag)
+        if value is not None and not runs[column].eq(value).any():
+            raise unknown(f"--{flag}", value, sorted(set(runs[column].dropna().astype(str))))
+    if _scope(runs, opts).empty:
+        raise UserError(f"no run matches --experiment {opts.experiment!r} --data {opts.data!r} "
+                        "together")
+
+
 def build(opts) -> str:
     """Writes ``tables/<name>.tex``, the figures and ``results.md`` under ``opts.out``.
 
@@ -341,13 +434,16 @@ def build(opts) -> str:
     """
     runs, rows = scan(opts.dirs)
     if runs.empty:
-        raise UserError(f"no run folders (with config.yaml) under {', '.join(map(str, opts.dirs))}")
+        raise UserError(f"no run folders (config.yaml, metrics.json or checkpoints/*.ckpt) under "
+                        f"{', '.join(map(str, opts.dirs))}")
+    _check_filters(opts, runs)
+    opts.metric = opts.metric or "test/acc1"
     (opts.out / "tables").mkdir(parents=True, exist_ok=True)
-    sections, made, skipped = [], [], []
+    sections, made, skipped, done = [], [], [], {}
     for name in _wanted(opts):
         try:
             if name in TABLES:
-                tables = TABLES[name](runs, rows, opts)
+                done[name] = tables = TABLES[name](runs, rows, opts)
                 for t in tables:
                     (opts.out / "tables" / f"{t.name}.tex").write_text(to_latex(t))
                 sections += [to_markdown(t) for t in tables]
@@ -359,19 +455,26 @@ def build(opts) -> str:
             skipped.append(f"- `{name}`: skipped, {type(err).__name__}: {err}")
             continue
         if not found:
-            skipped.append(f"- `{name}`: skipped, no matching runs")
-    text = _document(opts, runs, sections, made, skipped)
+            scope = f" (this table takes {SCOPES[name]})" if name in SCOPES else ""
+            skipped.append(f"- `{name}`: skipped, no matching runs{scope}")
+    text = _document(opts, runs, sections, made, skipped, _left_out(runs, done))
     (opts.out / "results.md").write_text(text)
     return text
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse adds a usage block; the house rule is one line
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="distortkd-report", description=__doc__.splitlines()[0])
+    p = _Parser(prog="distortkd-report", description=__doc__.splitlines()[0])
     p.add_argument("dirs", nargs="+", type=Path, help="folders searched for run folders")
     p.add_argument("--out", type=Path, default=Path("report"), help="output folder (./report)")
     p.add_argument("--layout", choices=sorted(LAYOUTS), default="paper")
     p.add_argument("--only", help=f"comma-separated: {', '.join([*TABLES, *FIGURES, *ALIASES])}")
-    p.add_argument("--metric", default="test/acc1", help="test/acc1 falls back to val/acc1")
+    p.add_argument("--metric", help="a metric the runs hold (default test/acc1, falling back "
+                   "to val/acc1)")
     p.add_argument("--experiment", help="only this experiment's runs (drops default data filters)")
     p.add_argument("--data", help="only runs on this dataset")
     return p

@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -258,3 +259,23 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def setting(config: dict) -> dict:
+    """What a run computes apart from its seed: the settings that decide which runs may pool.
+
+    :func:`compared` without ``seed``, and also without what the seed leaks into: ``*.seed``
+    copies of it (``data.seed: ${seed}``) and run names in paths (``…_s3/checkpoints``). Paths
+    under the run root are written relative to it, so two run roots can hold the same setting.
+    """
+    seed, root = config.get("seed"), (config.get("paths") or {}).get("root")
+    seed_name = re.compile(rf"_s{re.escape(str(seed))}(?=[/_.]|$)")
+    out = {}
+    for key, value in compared(config, seed=False).items():
+        if key.endswith(".seed") and value == seed:
+            continue
+        if isinstance(value, str):
+            value = value.replace(root, "<runs>") if isinstance(root, str) and root else value
+            value = seed_name.sub("_s<seed>", value)
+        out[key] = value
+    return out

@@ -1,40 +1,58 @@
 """Run folders read into pandas frames: one row per run, and one per evaluate row.
 
-A run folder is any directory holding ``config.yaml`` (hidden folders such as Hydra's ``.hydra`` are
-skipped). Its ``metrics.json`` holds scalar metrics and, for evaluate runs, ``suite`` and ``rows``;
-a folder without it, or with ``"status": "failed"``, is a failed run: listed, and its cell missing.
+A run folder is any directory holding ``config.yaml``, ``metrics.json`` or ``checkpoints/*.ckpt``
+(hidden folders such as Hydra's ``.hydra``, and the ``checkpoints/`` and ``csv/`` sub-folders
+themselves, are skipped), so a run whose config.yaml was deleted is still found. Files are read
+through :mod:`distortkd.rundir`: the config falls back to the copy in ``metrics.json``.
+
+``status``: ``ok`` (``metrics.json`` says ok, or, written before statuses existed, says nothing),
+``failed`` / ``stopped`` (with ``error``), ``missing`` (no metrics.json: unfinished), and
+``failed`` for a folder whose config cannot be read at all. Only ``ok`` runs give values.
+A metric stored as null, NaN or ±inf becomes NaN in the frame and is named in ``bad`` (key →
+``"null"``, ``"nan"``, ``"inf"``), so that a table can say why the run gave it no value.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pandas as pd
-from omegaconf import OmegaConf
 
+from distortkd import rundir
 from distortkd.errors import UserError
 
 CONFIG_FIELDS = ("task", "experiment", "method", "seed", "model.name", "data.name",
                  "data.label_fraction", "distortion.name", "distortion.family", "loss.name",
-                 "finetune.mode", "pretrain.distortion")
-BASE_COLUMNS = (*CONFIG_FIELDS, "suite", "status", "error", "path")
+                 "finetune.mode", "pretrain.distortion", "pretrain.data")
+# setting: rundir.setting as sorted JSON (runs with equal settings may pool); bad: see above.
+BASE_COLUMNS = (*CONFIG_FIELDS, "suite", "status", "error", "path", "setting", "bad")
 ROW_METRICS = ("cos_cls", "cos_patch", "cka_cls", "attn_kl", "attn_iou")
 # Family of a preset whose config lacks distortion.family, by the name's first word.
 _PREFIX_FAMILY = {"mask": "mask", "noise": "gaussian_noise", "blur": "gaussian_blur",
                   "mixed": "mixed", "clean": "identity"}
+_NOT_RUNS = ("checkpoints", "csv")  # parts of a run folder, never runs themselves
+
+
+def _is_run(folder: Path) -> bool:
+    return ((folder / "config.yaml").is_file() or (folder / "metrics.json").is_file()
+            or any((folder / "checkpoints").glob("*.ckpt")))
 
 
 def find_run_dirs(dirs: Iterable[str | Path]) -> list[Path]:
-    """Every folder holding ``config.yaml`` at any depth below ``dirs`` (hidden folders skipped)."""
+    """Every run folder at any depth below ``dirs`` (see the module docstring)."""
     found = set()
     for root in map(Path, dirs):
         if not root.is_dir():
             raise UserError(f"run directory {str(root)!r} does not exist or is not a directory")
-        for cfg in root.rglob("config.yaml"):
-            if not any(p.startswith(".") for p in cfg.parent.relative_to(root).parts):
-                found.add(cfg.parent.resolve())
+        for folder in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+            parts = folder.relative_to(root).parts
+            if any(p.startswith(".") or p in _NOT_RUNS for p in parts):
+                continue
+            if _is_run(folder):
+                found.add(folder.resolve())
     return sorted(found)
 
 
@@ -46,28 +64,45 @@ def _get(cfg: object, dotted: str) -> object:
     return cfg if cfg is None or isinstance(cfg, str | int | float | bool) else str(cfg)
 
 
-def _read_metrics(run: Path) -> tuple[str, dict, str | None]:
-    """(status, metrics, error) with status ``ok``, ``failed`` or ``missing`` (no metrics.json)."""
-    if not (run / "metrics.json").is_file():
-        return "missing", {}, "no metrics.json"
-    try:
-        metrics = json.loads((run / "metrics.json").read_text())
-    except (OSError, ValueError) as err:
-        return "failed", {}, f"unreadable metrics.json: {err}"
-    if not isinstance(metrics, dict):
-        return "failed", {}, "metrics.json is not a JSON object"
-    if metrics.get("status") == "failed":
-        return "failed", metrics, str(metrics.get("error", "status: failed"))
-    return "ok", metrics, None
+def _status(run: Path) -> tuple[str, dict, str | None]:
+    """(status, metrics, error) of a run folder, from its metrics.json."""
+    metrics, why = rundir.read_metrics(run)
+    if metrics is None:
+        return ("missing" if not (run / "metrics.json").is_file() else "failed"), {}, why
+    status = metrics.get("status", "ok")  # runs written before statuses existed finished ok
+    if status == "ok":
+        return "ok", metrics, None
+    status = status if status in rundir.STATUSES else "failed"
+    return status, metrics, str(metrics.get("error") or f"status: {metrics.get('status')}")
+
+
+def _numbers(metrics: dict) -> tuple[dict, dict]:
+    """Scalar metrics as floats (non-finite and null → NaN), and ``{key: why}`` for those."""
+    values, bad = {}, {}
+    for key, value in metrics.items():
+        if value is None or (isinstance(value, int | float) and not isinstance(value, bool)):
+            number = math.nan if value is None else float(value)
+            if not math.isfinite(number):
+                bad[key] = "null" if value is None else str(number)
+                number = math.nan
+            values[key] = number
+    return values, bad
+
+
+def _finite_rows(raw: object) -> list[dict]:
+    """Evaluate rows with every non-finite number made NaN: it must never reach a mean."""
+    rows = raw if isinstance(raw, list) else []
+    return [{k: math.nan if isinstance(v, float) and not math.isfinite(v) else v
+             for k, v in r.items()} for r in rows if isinstance(r, dict)]
 
 
 def _load_run(run: Path) -> tuple[dict, list[dict]]:
     """One run's flat record and its evaluate rows, each row carrying the run's fields."""
-    status, metrics, error = _read_metrics(run)
-    try:
-        cfg = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"))  # already resolved
-    except Exception as err:  # a broken config must not stop the report; the run gets listed
-        cfg, status, error = {}, "failed", "unreadable config.yaml: " + " ".join(str(err).split())
+    status, metrics, error = _status(run)
+    cfg, why = rundir.read_config(run)
+    if cfg is None:  # nothing says what it computed: it can fill no cell
+        cfg, status = {}, "failed"
+        error = f"config.yaml missing/unreadable ({why})" + (f"; {error}" if error else "")
     rec = {key: _get(cfg, key) for key in CONFIG_FIELDS}
     if rec["distortion.family"] is None and isinstance(rec["distortion.name"], str):
         rec["distortion.family"] = _PREFIX_FAMILY.get(rec["distortion.name"].split("_")[0])
@@ -78,12 +113,12 @@ def _load_run(run: Path) -> tuple[dict, list[dict]]:
     suite = metrics.get("suite")
     rec.update(suite=suite if isinstance(suite, str) else None, status=status, error=error)
     rec["path"] = str(run)
-    for key, value in metrics.items():
-        if isinstance(value, int | float) and not isinstance(value, bool) and key not in rec:
-            rec[key] = float(value)
-    raw = metrics.get("rows") if status == "ok" else None
-    raw = raw if isinstance(raw, list) else []
-    return rec, [{**rec, **r} for r in raw if isinstance(r, dict)]
+    rec["setting"] = json.dumps(rundir.setting(cfg), sort_keys=True, default=str) if cfg else None
+    values, bad = _numbers(metrics)
+    rec["bad"] = bad or None
+    rec.update({k: v for k, v in values.items() if k not in rec})
+    rows = _finite_rows(metrics.get("rows")) if status == "ok" else []
+    return rec, [{**rec, **r} for r in rows]
 
 
 def _frame(records: list[dict], first: Sequence[str]) -> pd.DataFrame:
@@ -105,7 +140,8 @@ def scan(dirs: Iterable[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
 def load_runs(dirs: Iterable[str | Path]) -> pd.DataFrame:
     """One row per run folder: ``CONFIG_FIELDS`` as dotted columns (missing → None; ``loss.name``
     defaults to multilevel for ours, ``finetune.mode`` to full), ``suite``, ``status`` (ok,
-    failed, missing), ``error``, ``path`` and every scalar metric (``test/acc1``, ...)."""
+    failed, stopped, missing), ``error``, ``path``, ``setting``, ``bad`` and every scalar metric
+    (``test/acc1``, ...; non-finite → NaN)."""
     return scan(dirs)[0]
 
 

@@ -29,9 +29,12 @@ def write_run(root, name, metrics, **fields):
         "model": {"name": fields.get("model", "vit_small_patch16_224")},
         "data": {"name": fields.get("data", "imagenet100"), "label_fraction": fields.get("fraction", 1.0)},
         "distortion": {"name": dist, "family": FAMILY[dist.split("_")[0]]},
+        "pretrain": {"data": fields.get("pretrain_data", fields.get("data", "imagenet100"))},
     }
     if "loss" in fields:
         cfg["loss"] = {"name": fields["loss"]}
+    if "params" in fields:
+        cfg["distortion"]["params"] = fields["params"]
     run = root / name
     run.mkdir(parents=True)
     OmegaConf.save(OmegaConf.create(cfg), run / "config.yaml")
@@ -150,7 +153,7 @@ def test_missing_cell_and_failed_runs_are_listed(grid, tmp_path, capsys):
     assert "- blur_strong × CI (no run)" in missing
     assert cells["noise_weak"]["Ours"] != "—"  # seed 0 finished; seed 1 failed
     md = (tmp_path / "out" / "results.md").read_text()
-    failed = section(md, "Failed or unfinished runs")
+    failed = section(md, "Left out")  # was "Failed or unfinished runs": one list of every run left out
     assert "ours/noise_weak/s1" in failed and "CUDA OOM" in failed
     assert "ours/noise_strong/s1" in failed and "no metrics.json" in failed
 
@@ -190,7 +193,8 @@ def _layout_runs(root):
         for method in ("ci", "supervised", "ours"):
             for data in ("cifar10", "stl10"):
                 write_run(root, f"t2/{method}/{dist}/{data}", {"test/acc1": acc(method, dist, 0, data)},
-                          method=method, distortion=dist, data=data, experiment="table2")
+                          method=method, distortion=dist, data=data, experiment="table2",
+                          pretrain_data="imagenet100")
         for loss in ("global", "global_local", "global_attn", "multilevel"):
             write_run(root, f"t3/{dist}/{loss}", {"test/acc1": acc("ours", dist, 0, loss=loss)},
                       distortion=dist, loss=loss, experiment="table3")
@@ -355,9 +359,10 @@ def test_experiment_flag_replaces_default_filters(tmp_path, capsys):
                         "--experiment", "sweep")
     _, cells = parse_table(section(out.out, "Table 1"))
     assert cells == {"mask_strong": {"Ours": "55.0 ± 7.1"}}
-    _, out = run_report(capsys, tmp_path, "--out", tmp_path / "c", "--only", "table1",
-                        "--experiment", "sweep", "--data", "stl10")
-    assert "`table1`: skipped" in out.out
+    code, out = run_report(capsys, tmp_path, "--out", tmp_path / "c", "--only", "table1",
+                           "--experiment", "sweep", "--data", "stl10")
+    # was: an empty report ("`table1`: skipped"); a filter that matches no run is now an error
+    assert code == 2 and "unknown --data 'stl10'; accepted: cifar10" in out.err
 
 
 def test_two_backbones_of_our_method_get_two_tables(tmp_path, capsys):
