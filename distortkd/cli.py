@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import sys
 import traceback
-from functools import partial
 from pathlib import Path
 
 import hydra
@@ -22,103 +21,23 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from distortkd import distortions, rundir
+from distortkd import rundir
+from distortkd.build import build_distortion, build_loss, build_model, provenance
 from distortkd.checks import check_config, check_writable
-from distortkd.errors import UserError, unknown
-from distortkd.losses import LOSSES
+from distortkd.errors import UserError
 from distortkd.modules import (
     DistillModule,
     FinetuneModule,
     NonFiniteLossError,
     load_encoder_weights,
-    run_checkpoint,
 )
 from distortkd.training import last_validated_step, make_trainer, resumable
-from distortkd.vit import build_encoder
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
 # The supervised baseline starts from the pretrained weights; ours and CI from a distilled student.
 OmegaConf.register_new_resolver(
     "init_for", lambda method: "pretrained" if method == "supervised" else "auto", replace=True
 )
-
-
-def _plain(node) -> dict:
-    """A config node as a plain dict (None and empty nodes as {})."""
-    return {} if node is None else OmegaConf.to_container(node, resolve=True)
-
-
-def build_model(cfg: DictConfig, pretrained: bool | None = None):
-    """The encoder a ``model/`` config describes.
-
-    Weights: the hub (``pretrained``), a local timm ``weights_file`` (``.safetensors``/``.pth``), or a
-    ``.ckpt`` of one of our runs (a distilled student or a fine-tuned backbone). ``pretrained=False``
-    builds the architecture only (weights about to be loaded from elsewhere).
-    """
-    load = cfg.pretrained or cfg.weights_file is not None if pretrained is None else pretrained
-    ckpt = load and cfg.weights_file is not None and str(cfg.weights_file).endswith(".ckpt")
-    encoder = build_encoder(
-        cfg.name,
-        pretrained=bool(load and not ckpt),
-        weights_file=cfg.weights_file if load and not ckpt else None,
-        mean=tuple(cfg.mean) if cfg.get("mean") else None,
-        std=tuple(cfg.std) if cfg.get("std") else None,
-        keep_head=cfg.get("keep_head", False),
-        **_plain(cfg.get("timm_kwargs")),
-    )
-    if ckpt:
-        load_encoder_weights(encoder, cfg.weights_file)
-    return encoder
-
-
-def build_distortion(cfg: DictConfig) -> distortions.Distortion:
-    return distortions.build(cfg.family, **_plain(cfg.params))
-
-
-def build_loss(cfg: DictConfig):
-    """``(loss_fn with parameters bound, contrastive?, needs attention taps?)``."""
-    if cfg.fn not in LOSSES:
-        raise unknown("loss function", cfg.fn, LOSSES)
-    params = _plain(cfg.params)
-    contrastive = cfg.fn == "contrastive"
-    return partial(LOSSES[cfg.fn], **params), contrastive, not contrastive and params.get("gamma", 0) != 0
-
-
-def resolve_init(cfg: DictConfig) -> str | None:
-    """The student checkpoint a fine-tune starts from: explicit path, ``auto``, or None (pretrained)."""
-    if cfg.init in (None, "pretrained"):
-        return None
-    if cfg.init != "auto":
-        return str(cfg.init)
-    run = Path(cfg.pretrain.run_dir)
-    if (ckpt := run_checkpoint(run)) is not None:
-        return str(ckpt)
-    raise UserError(f"init=auto found no distilled student in {run}/checkpoints; run the distill "
-                    "job first or pass init=/path/to/student.ckpt")
-
-
-def upstream(cfg: DictConfig) -> dict:
-    """Which checkpoint this run builds on (``provenance``, recorded in its config.yaml).
-
-    A checkpoint inside another run's folder is used only if that run finished (metrics.json
-    status ok): never a student or a fine-tune that was killed mid-epoch, unless
-    ``allow_unfinished=true`` (recorded too).
-    """
-    if cfg.task == "finetune":
-        path = resolve_init(cfg)
-        return {} if path is None else {"init": rundir.checked_upstream(Path(path), cfg.get("allow_unfinished", False))}
-    if cfg.task == "evaluate":
-        name = "best.ckpt" if cfg.finetune.test_ckpt == "best" else "last.ckpt"
-        path = Path(cfg.finetune_run) / "checkpoints" / name if cfg.ckpt == "auto" else Path(cfg.ckpt)
-        if not path.is_file():
-            raise UserError(f"checkpoint {str(path)!r} does not exist; run the finetune job first or pass ckpt=")
-        return {"checkpoint": rundir.checked_upstream(path, cfg.get("allow_unfinished", False))}
-    return {}
-
-
-def provenance(cfg: DictConfig) -> dict:
-    """``cfg.provenance`` as ``_main`` recorded it, else worked out now (a notebook, a test)."""
-    return OmegaConf.to_container(cfg.provenance) if cfg.get("provenance") is not None else upstream(cfg)
 
 
 def run_distill(cfg: DictConfig, run_dir: Path) -> dict:
@@ -251,8 +170,10 @@ def _main(cfg: DictConfig, run) -> float:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         if cfg.get("threads"):
             torch.set_num_threads(int(cfg.threads))
-        with open_dict(cfg):
-            cfg.provenance = upstream(cfg)
+        with open_dict(cfg):  # a resumed run keeps what it started from, even if upstream re-ran since
+            stored, _ = rundir.read_config(run_dir)
+            resuming = cfg.get("resume", True) and rundir.holds_results(run_dir) and stored
+            cfg.provenance = stored.get("provenance") if resuming and stored.get("provenance") else provenance(cfg)
         if _rank_zero():  # in this order: the other DDP ranks read config.yaml, then metrics.json
             (run_dir / "metrics.json").unlink(missing_ok=True)
             rundir.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))

@@ -84,7 +84,7 @@ def attention_maps(encoder: Encoder, teacher: FrozenTeacher, baseline: Encoder |
 
 
 def evaluate_grid(cfg: DictConfig, run_dir: Path, build_model, checkpoint: Path) -> dict:
-    """The grid of ``cfg`` for the fine-tuned ``checkpoint`` (the one ``cli.upstream`` chose and
+    """The grid of ``cfg`` for the fine-tuned ``checkpoint`` (the one ``build.upstream`` chose and
     checked, recorded in config.yaml)."""
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
@@ -123,7 +123,7 @@ def _save_attention(cfg, run_dir, module, teacher, datamodule, build_model, devi
     if cfg.attention.baseline_ckpt:
         path = Path(cfg.attention.baseline_ckpt)
         baseline = load_finetuned(cfg, build_model, datamodule.num_classes, path).encoder.to(device)
-    from distortkd.cli import build_distortion
+    from distortkd.build import build_distortion
 
     dist = build_distortion(cfg.distortion)
     with torch.no_grad():

@@ -92,7 +92,7 @@ def open_run(source: str | Path) -> Run:
 
 def rebuild_encoder(run: Run) -> Encoder:
     """The run's architecture with the checkpoint's weights and normalisation, in eval mode."""
-    from distortkd.cli import build_model  # Hydra + Lightning: only needed for checkpoints
+    from distortkd.build import build_model  # Lightning: only needed for checkpoints
     from distortkd.modules import load_encoder_weights
 
     encoder = build_model(run.cfg.model, pretrained=False)

@@ -11,7 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
-from distortkd import cli
+from distortkd import build, cli
 from distortkd.errors import UserError
 
 CONF = cli.CONF
@@ -56,9 +56,9 @@ def test_typo_and_unknown_option_are_errors_naming_choices():
 
 def test_distortion_override_from_command_line():
     cfg = _compose("distill", ["distortion=mask_strong", "distortion.params.ratio=0.8"])
-    assert cli.build_distortion(cfg.distortion).ratio == 0.8
+    assert build.build_distortion(cfg.distortion).ratio == 0.8
     with pytest.raises(UserError, match="noise sigma -1 is out of range; accepted: sigma >= 0"):
-        cli.build_distortion(_compose("distill", ["distortion.params.sigma=-1"]).distortion)
+        build.build_distortion(_compose("distill", ["distortion.params.sigma=-1"]).distortion)
 
 
 def test_init_follows_method():
@@ -124,10 +124,10 @@ def test_teacher_frozen_and_student_moves(tmp_path):
     from distortkd.modules import DistillModule
 
     cfg = _compose("distill", TINY, tmp_path)
-    student, teacher = cli.build_model(cfg.model), cli.build_model(cfg.model)
+    student, teacher = build.build_model(cfg.model), build.build_model(cfg.model)
     teacher.load_state_dict(student.state_dict())
-    loss_fn, contrastive, with_attn = cli.build_loss(cfg.loss)
-    module = DistillModule(student, teacher, cli.build_distortion(cfg.distortion), loss_fn,
+    loss_fn, contrastive, with_attn = build.build_loss(cfg.loss)
+    module = DistillModule(student, teacher, build.build_distortion(cfg.distortion), loss_fn,
                            optimizer=instantiate(cfg.optim.optimizer), with_attn=with_attn)
     before_t, before_s = _state(module.teacher), _state(module.student)
     opt = torch.optim.AdamW(module.student.parameters(), lr=1e-3)

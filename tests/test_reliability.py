@@ -23,7 +23,7 @@ from hydra.core.global_hydra import GlobalHydra
 from lightning.pytorch.callbacks import Callback
 from test_cli import TINY, _compose
 
-from distortkd import cli, report, rundir, training
+from distortkd import build, cli, report, rundir, training
 from distortkd.errors import UserError
 from distortkd.wandb_utils import run_id
 
@@ -357,10 +357,10 @@ def _first_step(world: int) -> tuple[float, dict, dict]:
 
     cfg = _compose("distill", [*TINY, *BLUR])
     torch.manual_seed(0)
-    student, teacher = cli.build_model(cfg.model), cli.build_model(cfg.model)
+    student, teacher = build.build_model(cfg.model), build.build_model(cfg.model)
     teacher.load_state_dict(student.state_dict())
-    loss_fn, _, with_attn = cli.build_loss(cfg.loss)
-    module = DistillModule(student, teacher, cli.build_distortion(cfg.distortion), loss_fn,
+    loss_fn, _, with_attn = build.build_loss(cfg.loss)
+    module = DistillModule(student, teacher, build.build_distortion(cfg.distortion), loss_fn,
                            optimizer=instantiate(cfg.optim.optimizer), with_attn=with_attn)
     images = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     data = [{"image": images[i], "index": torch.tensor(i)} for i in range(16)]

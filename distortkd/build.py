@@ -1,0 +1,98 @@
+"""Config factories: a Hydra/OmegaConf config node in, a plain object out.
+
+The one place that turns ``model/``, ``distortion/`` and ``loss/`` nodes into an encoder, a
+distortion and a loss function, and a run's config into the checkpoint it builds on. The CLIs,
+evaluation, export, notebooks and tests all build through here, so an object is built the same
+way everywhere. Nothing here knows about Hydra's entry points.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from distortkd import distortions, rundir
+from distortkd.errors import UserError, unknown
+from distortkd.losses import LOSSES
+from distortkd.modules import load_encoder_weights, run_checkpoint
+from distortkd.vit import build_encoder
+
+
+def _plain(node) -> dict:
+    """A config node as a plain dict (None and empty nodes as {})."""
+    return {} if node is None else OmegaConf.to_container(node, resolve=True)
+
+
+def build_model(cfg: DictConfig, pretrained: bool | None = None):
+    """The encoder a ``model/`` config describes.
+
+    Weights: the hub (``pretrained``), a local timm ``weights_file`` (``.safetensors``/``.pth``), or a
+    ``.ckpt`` of one of our runs (a distilled student or a fine-tuned backbone). ``pretrained=False``
+    builds the architecture only (weights about to be loaded from elsewhere).
+    """
+    load = cfg.pretrained or cfg.weights_file is not None if pretrained is None else pretrained
+    ckpt = load and cfg.weights_file is not None and str(cfg.weights_file).endswith(".ckpt")
+    encoder = build_encoder(
+        cfg.name,
+        pretrained=bool(load and not ckpt),
+        weights_file=cfg.weights_file if load and not ckpt else None,
+        mean=tuple(cfg.mean) if cfg.get("mean") else None,
+        std=tuple(cfg.std) if cfg.get("std") else None,
+        keep_head=cfg.get("keep_head", False),
+        **_plain(cfg.get("timm_kwargs")),
+    )
+    if ckpt:
+        load_encoder_weights(encoder, cfg.weights_file)
+    return encoder
+
+
+def build_distortion(cfg: DictConfig) -> distortions.Distortion:
+    return distortions.build(cfg.family, **_plain(cfg.params))
+
+
+def build_loss(cfg: DictConfig):
+    """``(loss_fn with parameters bound, contrastive?, needs attention taps?)``."""
+    if cfg.fn not in LOSSES:
+        raise unknown("loss function", cfg.fn, LOSSES)
+    params = _plain(cfg.params)
+    contrastive = cfg.fn == "contrastive"
+    return partial(LOSSES[cfg.fn], **params), contrastive, not contrastive and params.get("gamma", 0) != 0
+
+
+def resolve_init(cfg: DictConfig) -> str | None:
+    """The student checkpoint a fine-tune starts from: explicit path, ``auto``, or None (pretrained)."""
+    if cfg.init in (None, "pretrained"):
+        return None
+    if cfg.init != "auto":
+        return str(cfg.init)
+    run = Path(cfg.pretrain.run_dir)
+    if (ckpt := run_checkpoint(run)) is not None:
+        return str(ckpt)
+    raise UserError(f"init=auto found no distilled student in {run}/checkpoints; run the distill "
+                    "job first or pass init=/path/to/student.ckpt")
+
+
+def upstream(cfg: DictConfig) -> dict:
+    """Which checkpoint this run builds on (``provenance``, recorded in its config.yaml).
+
+    A checkpoint inside another run's folder is used only if that run finished (metrics.json
+    status ok): never a student or a fine-tune that was killed mid-epoch, unless
+    ``allow_unfinished=true`` (recorded too).
+    """
+    if cfg.task == "finetune":
+        path = resolve_init(cfg)
+        return {} if path is None else {"init": rundir.checked_upstream(Path(path), cfg.get("allow_unfinished", False))}
+    if cfg.task == "evaluate":
+        name = "best.ckpt" if cfg.finetune.test_ckpt == "best" else "last.ckpt"
+        path = Path(cfg.finetune_run) / "checkpoints" / name if cfg.ckpt == "auto" else Path(cfg.ckpt)
+        if not path.is_file():
+            raise UserError(f"checkpoint {str(path)!r} does not exist; run the finetune job first or pass ckpt=")
+        return {"checkpoint": rundir.checked_upstream(path, cfg.get("allow_unfinished", False))}
+    return {}
+
+
+def provenance(cfg: DictConfig) -> dict:
+    """``cfg.provenance`` as ``_main`` recorded it, else worked out now (a notebook, a test)."""
+    return OmegaConf.to_container(cfg.provenance) if cfg.get("provenance") is not None else upstream(cfg)
