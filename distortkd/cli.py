@@ -280,10 +280,15 @@ def _flat(tree, prefix: str = "") -> dict:
 
 def _with_checkpoint(message: str, run_dir: Path) -> str:
     """Appends where the last good (finite, never overwritten by a diverged model) state is."""
+    from distortkd.checkpoints import load_checkpoint
+
     last = run_dir / "checkpoints" / "last.ckpt"
     if not last.is_file():
         return f"{message}; no checkpoint was written before"
-    step = torch.load(last, map_location="cpu", mmap=True, weights_only=True)["global_step"]
+    try:  # mmap: only global_step is needed, the tensors stay on disk
+        step = load_checkpoint(last, mmap=True).get("global_step", "unknown")
+    except UserError as err:  # appended, not raised: the run's own failure must still be recorded
+        return f"{message}; no usable checkpoint: {err}"
     return f"{message}; last good checkpoint: {last} (global step {step})"
 
 

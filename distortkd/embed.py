@@ -184,8 +184,10 @@ def write_embeddings(result: Embeddings, out: str | Path) -> list[Path]:
 
 
 def embed(model: str | Path, images: str | Path, out: str | Path, batch_size: int = 64,
-          workers: int = 2, device: str = "cpu", patches: bool = False) -> Embeddings:
+          workers: int = 2, device: str = "cpu", patches: bool = False, trust: bool = False) -> Embeddings:
     """Embeds every image under ``images`` with ``model`` and writes the result to ``out``.
+
+    ``trust``: allow a checkpoint that needs full unpickling (it may run code when loaded).
 
     Raises:
         UserError: bad output suffix, option or device, missing model or folder, no decodable image.
@@ -199,7 +201,7 @@ def embed(model: str | Path, images: str | Path, out: str | Path, batch_size: in
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("device 'cuda' requested but CUDA is not available; accepted here: cpu")
     files = list_images(images)
-    encoder, preprocess = load_encoder(model)
+    encoder, preprocess = load_encoder(model, trust)
     if patches and not encoder.is_vit:
         raise UserError(f"--patches needs a ViT; {type(encoder.backbone).__name__} has no patch tokens")
     result = embed_files(encoder, files, preprocess, batch_size, workers, device, patches)
@@ -216,6 +218,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--patches", action="store_true", help="also save patch tokens [N, P, D] as .patches.npy")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load a checkpoint that needs full unpickling (it can run code: trusted files only)")
     return p
 
 
@@ -224,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = _parser().parse_args(argv)
     try:
         result = embed(opts.model, opts.images, opts.out, opts.batch_size, opts.workers,
-                       opts.device, opts.patches)
+                       opts.device, opts.patches, opts.trust_checkpoint)
     except UserError as err:
         print(f"distortkd-embed: error: {err}", file=sys.stderr)
         return 2

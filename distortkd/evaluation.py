@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from distortkd import distortions
+from distortkd.checkpoints import load_checkpoint
 from distortkd.diagnostics import RepresentationMeter
 from distortkd.distortions import sample_seeds
 from distortkd.errors import UserError
@@ -48,7 +49,7 @@ def load_finetuned(cfg: DictConfig, build_model, num_classes: int) -> FinetuneMo
         raise UserError(f"checkpoint {str(path)!r} does not exist; run the finetune job first or pass ckpt=")
     module = FinetuneModule(build_model(cfg.model, pretrained=False), num_classes,
                             distortions.build("identity"), optimizer=None, mode=cfg.finetune.mode)
-    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    state = load_checkpoint(path, trust=bool(cfg.get("trust_checkpoint", False)))["state_dict"]
     try:
         module.load_state_dict(state)
     except RuntimeError as err:

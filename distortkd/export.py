@@ -90,13 +90,16 @@ def open_run(source: str | Path) -> Run:
     return Run(ckpt, run_dir, OmegaConf.load(run_dir / "config.yaml"), metrics)
 
 
-def rebuild_encoder(run: Run) -> Encoder:
-    """The run's architecture with the checkpoint's weights and normalisation, in eval mode."""
+def rebuild_encoder(run: Run, trust: bool = False) -> Encoder:
+    """The run's architecture with the checkpoint's weights and normalisation, in eval mode.
+
+    ``trust``: allow a checkpoint that needs full unpickling (it may run code when loaded).
+    """
     from distortkd.cli import build_model  # Hydra + Lightning: only needed for checkpoints
     from distortkd.modules import load_encoder_weights
 
     encoder = build_model(run.cfg.model, pretrained=False)
-    meta = load_encoder_weights(encoder, run.ckpt)
+    meta = load_encoder_weights(encoder, run.ckpt, trust=trust)
     if meta.get("mean") and meta.get("std"):  # what the run normalised with, as recorded
         encoder = Encoder(encoder.backbone, tuple(meta["mean"]), tuple(meta["std"]))
     return encoder.eval()
@@ -183,10 +186,11 @@ def load_exported(folder: str | Path) -> Encoder:
     return Encoder(model, tuple(model.pretrained_cfg["mean"]), tuple(model.pretrained_cfg["std"])).eval()
 
 
-def load_encoder(source: str | Path) -> tuple[Encoder, dict]:
+def load_encoder(source: str | Path, trust: bool = False) -> tuple[Encoder, dict]:
     """``(encoder, preprocessing)`` from an exported folder, a checkpoint or a run folder.
 
     ``preprocessing`` holds ``input_size`` ``[C, H, W]``, ``crop_pct`` and ``interpolation``.
+    ``trust``: allow a checkpoint that needs full unpickling (it may run code when loaded).
     """
     path = Path(source)
     if (path / CONFIG).is_file():
@@ -195,7 +199,7 @@ def load_encoder(source: str | Path) -> tuple[Encoder, dict]:
         raise UserError(f"{str(path)!r} is neither an exported folder (no {CONFIG}) nor a run folder "
                         "(no checkpoints/)")
     run = open_run(source)
-    encoder = rebuild_encoder(run)
+    encoder = rebuild_encoder(run, trust)
     return encoder, data_config(run.cfg, encoder)
 
 
@@ -208,12 +212,13 @@ def _check_roundtrip(folder: Path, encoder: Encoder, input_size: list[int]) -> N
         raise RuntimeError(f"exported model differs from the checkpoint by {diff:.3g} (max |Δ|)")
 
 
-def export(source: str | Path, folder: str | Path) -> Path:
+def export(source: str | Path, folder: str | Path, trust: bool = False) -> Path:
     """Writes ``model.safetensors``, ``config.json`` and ``README.md`` for ``source`` into ``folder``.
 
     Args:
         source: a distill/finetune ``.ckpt`` or a run folder (its best, else last, checkpoint).
         folder: output folder, created if needed; existing export files are overwritten.
+        trust: allow a checkpoint that needs full unpickling (it may run code when loaded).
 
     Returns:
         ``folder``.
@@ -221,7 +226,7 @@ def export(source: str | Path, folder: str | Path) -> Path:
     from safetensors.torch import save_file
 
     run = open_run(source)
-    encoder = rebuild_encoder(run)
+    encoder = rebuild_encoder(run, trust)
     config = timm_config(run, encoder)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -369,6 +374,8 @@ def _parser() -> argparse.ArgumentParser:
                     "(model.safetensors, config.json, README.md).")
     p.add_argument("checkpoint", help="a .ckpt file, or a run folder (checkpoints/best.ckpt, else last.ckpt)")
     p.add_argument("out", help="output folder")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load a checkpoint that needs full unpickling (it can run code: trusted files only)")
     return p
 
 
@@ -376,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``distortkd-export``; returns the exit status (2 for a user error)."""
     opts = _parser().parse_args(argv)
     try:
-        folder = export(opts.checkpoint, opts.out)
+        folder = export(opts.checkpoint, opts.out, trust=opts.trust_checkpoint)
     except UserError as err:
         print(f"distortkd-export: error: {err}", file=sys.stderr)
         return 2
