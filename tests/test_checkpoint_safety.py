@@ -175,3 +175,17 @@ def test_own_checkpoints_load_without_trust_and_bare_state_dicts_are_wrapped(tmp
     torch.save({"state_dict": {"w": [1.0]}}, tmp_path / "odd.ckpt")
     with pytest.raises(UserError, match="state_dict entry 'w' is a list, expected a tensor"):
         load_checkpoint(tmp_path / "odd.ckpt")
+
+
+def test_finetune_cli_refuses_an_init_checkpoint_that_runs_code(tmp_path, monkeypatch, capsys):
+    """Through the real entry point: one ``error:`` line, exit 2, and the payload never ran."""
+    from test_cli import TINY
+    from test_reliability import _cli
+
+    marker, ckpt = tmp_path / "code_ran", tmp_path / "student.ckpt"
+    torch.save({"state_dict": _student_state(), "extra": Payload(marker)}, ckpt)
+    monkeypatch.setenv("DISTORTKD_RUNS", str(tmp_path / "runs"))
+    code, err = _cli("finetune", [*TINY, f"init={ckpt}"], monkeypatch, capsys)
+    assert not marker.exists(), "the init checkpoint's code ran"
+    last = (err.strip().splitlines() or [""])[-1]
+    assert code == 2 and last.startswith("error: ") and str(ckpt) in last and "trust_checkpoint=true" in last
