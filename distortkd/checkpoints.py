@@ -63,7 +63,9 @@ def _load_safetensors(path: Path) -> dict:
 
 def _torch_load(path: Path, trust: bool, mmap: bool) -> object:
     zipped = zipfile.is_zipfile(path)  # torch.save's format since 1.6; finds the archive's end record
-    if not zipped and path.open("rb").read(4) == b"PK\x03\x04":
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not zipped and head == b"PK\x03\x04":
         # A zip without its end record was cut off; torch's reader reports wherever it tripped.
         raise UserError(f"checkpoint {str(path)!r} is truncated ({path.stat().st_size} bytes, "
                         "its zip archive has no end): an interrupted save or copy?")
@@ -71,11 +73,11 @@ def _torch_load(path: Path, trust: bool, mmap: bool) -> object:
         return torch.load(path, map_location="cpu", weights_only=not trust, mmap=mmap and zipped)
     # Damage surfaces as whatever layer trips first (zip reader: RuntimeError; pickle:
     # UnpicklingError, EOFError, ValueError; a trusted file's own code: anything), so catch all.
-    except Exception as err:  # noqa: BLE001
-        raise UserError(_load_failure(path, err, trust)) from None
+    except Exception as err:
+        raise UserError(_load_failure(path, err)) from None
 
 
-def _load_failure(path: Path, err: Exception, trust: bool) -> str:
+def _load_failure(path: Path, err: Exception) -> str:
     """One line on why ``torch.load`` failed: damage, or Python objects refused without trust."""
     text = str(err)
     if "Weights only load failed" in text:
