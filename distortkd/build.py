@@ -25,12 +25,13 @@ def _plain(node) -> dict:
     return {} if node is None else OmegaConf.to_container(node, resolve=True)
 
 
-def build_model(cfg: DictConfig, pretrained: bool | None = None):
+def build_model(cfg: DictConfig, pretrained: bool | None = None, *, trust: bool = False):
     """The encoder a ``model/`` config describes.
 
     Weights: the hub (``pretrained``), a local timm ``weights_file`` (``.safetensors``/``.pth``), or a
     ``.ckpt`` of one of our runs (a distilled student or a fine-tuned backbone). ``pretrained=False``
-    builds the architecture only (weights about to be loaded from elsewhere).
+    builds the architecture only (weights about to be loaded from elsewhere). ``trust``: allow a
+    ``.ckpt`` that needs full unpickling (``trust_checkpoint=true``; it may run code).
     """
     load = cfg.pretrained or cfg.weights_file is not None if pretrained is None else pretrained
     ckpt = load and cfg.weights_file is not None and str(cfg.weights_file).endswith(".ckpt")
@@ -44,7 +45,7 @@ def build_model(cfg: DictConfig, pretrained: bool | None = None):
         **_plain(cfg.get("timm_kwargs")),
     )
     if ckpt:
-        load_encoder_weights(encoder, cfg.weights_file)
+        load_encoder_weights(encoder, cfg.weights_file, trust=trust)
     return encoder
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import tempfile
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -136,19 +134,6 @@ def _patch_from_name(name: str) -> int | None:
     part = next((p for p in str(name).split("_") if p.startswith("patch")), None)
     digits = part[len("patch"):].split(".")[0] if part else ""
     return int(digits) if digits.isdigit() else None
-
-
-def check_writable(run_dir: Path) -> None:
-    """The run folder can be created and written, tried before any computation (``os.access``
-    says yes to root whatever the mount says)."""
-    folder = Path(run_dir)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        raise UserError(f"cannot write run folder {folder}: {err.strerror or err}; accepted: a writable "
-                        "run root (paths.root=… or DISTORTKD_RUNS=…)") from None
 
 
 def check_config(cfg: DictConfig, build_distortion) -> None:

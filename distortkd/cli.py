@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from distortkd import rundir
 from distortkd.build import build_distortion, build_loss, build_model, provenance
-from distortkd.checks import check_config, check_writable
+from distortkd.checkpoints import load_checkpoint
+from distortkd.checks import check_config
 from distortkd.errors import UserError
 from distortkd.modules import (
     DistillModule,
@@ -42,7 +43,7 @@ OmegaConf.register_new_resolver(
 
 def run_distill(cfg: DictConfig, run_dir: Path) -> dict:
     datamodule = resumable(instantiate(cfg.data))
-    student, teacher = build_model(cfg.model), build_model(cfg.model)
+    student, teacher = (build_model(cfg.model, trust=cfg.trust_checkpoint) for _ in range(2))
     teacher.load_state_dict(student.state_dict())  # identical start even for random-init models
     loss_fn, contrastive, with_attn = build_loss(cfg.loss)
     module = DistillModule(
@@ -59,9 +60,9 @@ def run_finetune(cfg: DictConfig, run_dir: Path) -> dict:
     datamodule.prepare_data()
     datamodule.setup("fit")
     init = provenance(cfg).get("init", {}).get("path")
-    encoder = build_model(cfg.model, pretrained=None if init is None else False)
+    encoder = build_model(cfg.model, pretrained=None if init is None else False, trust=cfg.trust_checkpoint)
     if init is not None:
-        load_encoder_weights(encoder, init)
+        load_encoder_weights(encoder, init, trust=cfg.trust_checkpoint)
     module = FinetuneModule(
         encoder, datamodule.num_classes, build_distortion(cfg.distortion),
         optimizer=instantiate(cfg.optim.optimizer), mode=cfg.finetune.mode,
@@ -158,7 +159,7 @@ def _main(cfg: DictConfig, run) -> float:
     lock, owned = rundir.RunLock(run_dir), False
     try:
         check_config(cfg, build_distortion)
-        check_writable(run_dir)
+        rundir.check_writable(run_dir)
         if _rank_zero():
             lock.acquire()
         if cfg.get("resume", True):
@@ -273,7 +274,10 @@ def _with_checkpoint(message: str, run_dir: Path) -> str:
     last = run_dir / "checkpoints" / "last.ckpt"
     if not last.is_file():
         return f"{message}; no checkpoint was written before"
-    step = torch.load(last, map_location="cpu", mmap=True, weights_only=True)["global_step"]
+    try:  # mmap: only global_step is needed, the tensors stay on disk
+        step = load_checkpoint(last, mmap=True).get("global_step", "unknown")
+    except UserError as err:  # appended, not raised: the run's own failure must still be recorded
+        return f"{message}; no usable checkpoint: {err}"
     return f"{message}; last good checkpoint: {last} (global step {step})"
 
 
@@ -315,7 +319,7 @@ class WritableRunRoot(Callback):
     @staticmethod
     def _check(folder: str) -> None:
         try:
-            check_writable(Path(folder))
+            rundir.check_writable(Path(folder))
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)

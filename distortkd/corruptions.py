@@ -318,7 +318,7 @@ class Corruption(Distortion):
     family = "corruption"
 
     def __post_init__(self):
-        if self.name not in CORRUPTIONS:
+        if not isinstance(self.name, str) or self.name not in CORRUPTIONS:
             raise unknown("corruption", self.name, CORRUPTIONS)
         if isinstance(self.severity, bool) or self.severity not in LEVELS:
             raise UserError(

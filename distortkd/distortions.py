@@ -13,6 +13,8 @@ the same corruption in every epoch, run, process and batch composition.
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -36,6 +38,17 @@ def _hash32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
+def _unit(x: Tensor) -> Tensor:
+    """32-bit hash values ``[0, 2**32)`` to float32 uniforms strictly inside (0, 1).
+
+    The top 23 bits k give ``(k + 0.5) / 2**23``: k + 0.5 fits float32's 24-bit significand, so every
+    value is exact, from 2**-24 to 1 - 2**-24, symmetric about 1/2. With 24 bits, ``k + 0.5`` rounds
+    to an integer above 2**23 and the top value to 2**24, i.e. exactly 1.0: ndtri(1) = inf, seeded
+    Gaussian noise was ±inf (NaN at σ 0) for ~1 % of 224-px images.
+    """
+    return ((x >> 9).float() + 0.5) * 2.0**-23
+
+
 class _Draw:
     """Per-sample random numbers for a batch: global generator, or hashed from per-sample seeds."""
 
@@ -57,13 +70,25 @@ class _Draw:
         idx = torch.arange(n, device=self.device, dtype=torch.long)
         key = _hash32((idx + stream * 0x9E3779B9) & _M32)
         x = _hash32(_hash32(key[None, :] ^ self.seeds[:, None]))
-        return (((x >> 8).float() + 0.5) * 2.0**-24).reshape(self.batch, *shape)
+        return _unit(x).reshape(self.batch, *shape)
 
     def normal(self, *shape: int, stream: int) -> Tensor:
         """Standard normal floats, shape ``[B, *shape]``, float32."""
         if self.seeds is None:
             return torch.randn(self.batch, *shape, device=self.device)
         return torch.special.ndtri(self.uniform(*shape, stream=stream))
+
+
+def _is_real(value) -> bool:
+    """A finite real number; bools are refused (YAML's ``true`` is no σ)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _require(ok: bool, family: str, name: str, value, accepted: str) -> None:
+    """Raises the one-line error naming the parameter, its bad value and the accepted ones."""
+    if not ok:
+        what = "out of range" if isinstance(value, numbers.Real) and not isinstance(value, bool) else "invalid"
+        raise UserError(f"{family} {name} {value!r} is {what}; accepted: {accepted}")
 
 
 def _check_images(images: Tensor) -> None:
@@ -177,8 +202,8 @@ class Mask(Distortion):
     family = "mask"
 
     def __post_init__(self):
-        if not 0.0 <= self.ratio < 1.0:
-            raise UserError(f"mask ratio {self.ratio} is out of range; accepted: 0 <= ratio < 1")
+        _require(_is_real(self.ratio) and 0.0 <= self.ratio < 1.0, "mask", "ratio", self.ratio,
+                 "0 <= ratio < 1")
 
     def apply(self, images: Tensor, draw: _Draw) -> Tensor:
         return _mask(images, self.ratio, draw)
@@ -197,8 +222,9 @@ class GaussianNoise(Distortion):
     family = "gaussian_noise"
 
     def __post_init__(self):
-        if not self.sigma >= 0:
-            raise UserError(f"noise sigma {self.sigma} is out of range; accepted: sigma >= 0")
+        _require(_is_real(self.sigma) and self.sigma >= 0, "noise", "sigma", self.sigma,
+                 "sigma >= 0, finite")
+        _require(isinstance(self.clip, bool), "noise", "clip", self.clip, "true or false")
 
     def apply(self, images: Tensor, draw: _Draw) -> Tensor:
         return _noise(images, self.sigma, draw, self.clip)
@@ -220,14 +246,13 @@ class GaussianBlur(Distortion):
     family = "gaussian_blur"
 
     def __post_init__(self):
-        if not self.sigma > 0:
-            raise UserError(f"blur sigma {self.sigma} is out of range; accepted: sigma > 0")
+        _require(_is_real(self.sigma) and self.sigma > 0, "blur", "sigma", self.sigma,
+                 "sigma > 0, finite")
         if self.kernel_size is None:
             object.__setattr__(self, "kernel_size", _odd_kernel(self.sigma))
-        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise UserError(
-                f"blur kernel_size {self.kernel_size} is invalid; accepted: odd integers >= 1"
-            )
+        k = self.kernel_size
+        _require(isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 1 and k % 2 == 1,
+                 "blur", "kernel_size", k, "odd integers >= 1")
 
     def apply(self, images: Tensor, draw: _Draw) -> Tensor:
         sigma = torch.full((1,), float(self.sigma), device=images.device)  # no host-to-device copy
@@ -241,11 +266,18 @@ class GaussianBlur(Distortion):
 MIXED_FAMILIES = ("clean", "mask", "gaussian_noise", "gaussian_blur")
 
 
+def _numbers(value) -> list | None:
+    """``value`` as a list if it is a sequence of finite real numbers (not a string), else None."""
+    if isinstance(value, str) or not isinstance(value, Sequence) or not all(map(_is_real, value)):
+        return None
+    return list(value)
+
+
 def _range(value, name: str, lo: float, hi: float) -> tuple[float, float]:
-    a, b = (value, value) if isinstance(value, int | float) else tuple(value)
-    if not (lo <= a <= b <= hi):
-        raise UserError(f"mixed {name} range {value} is invalid; accepted: {lo} <= low <= high <= {hi}")
-    return float(a), float(b)
+    pair = [value, value] if _is_real(value) else _numbers(value)
+    ok = pair is not None and len(pair) == 2 and lo <= pair[0] <= pair[1] <= hi
+    _require(ok, "mixed", f"{name} range", value, f"a number or [low, high], {lo} <= low <= high <= {hi}")
+    return float(pair[0]), float(pair[1])
 
 
 @dataclass(frozen=True)
@@ -264,15 +296,17 @@ class Mixed(Distortion):
     family = "mixed"
 
     def __post_init__(self):
-        fams = tuple(self.families)
+        fams = self.families
+        _require(isinstance(fams, Sequence) and not isinstance(fams, str) and len(fams) > 0, "mixed",
+                 "families", fams, f"a non-empty list of {', '.join(MIXED_FAMILIES)}")
         for f in fams:
             if f not in MIXED_FAMILIES:
                 raise unknown("mixed family", f, MIXED_FAMILIES)
-        w = tuple(float(x) for x in (self.weights or [1.0] * len(fams)))
-        if len(w) != len(fams) or min(w) < 0 or sum(w) <= 0:
-            raise UserError(f"mixed weights {self.weights} must be {len(fams)} non-negative numbers")
-        object.__setattr__(self, "families", fams)
-        object.__setattr__(self, "weights", w)
+        w = [1.0] * len(fams) if self.weights is None else _numbers(self.weights)
+        _require(w is not None and len(w) == len(fams) and min(w) >= 0 and sum(w) > 0, "mixed",
+                 "weights", self.weights, f"{len(fams)} non-negative numbers (one per family), not all 0")
+        object.__setattr__(self, "families", tuple(fams))
+        object.__setattr__(self, "weights", tuple(float(x) for x in w))
         object.__setattr__(self, "mask_ratio", _range(self.mask_ratio, "mask_ratio", 0.0, 0.999))
         object.__setattr__(self, "noise_sigma", _range(self.noise_sigma, "noise_sigma", 0.0, 10.0))
         object.__setattr__(self, "blur_sigma", _range(self.blur_sigma, "blur_sigma", 0.1, 100.0))

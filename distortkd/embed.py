@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
+from distortkd import rundir
 from distortkd.errors import UserError
 from distortkd.vit import Encoder
 
@@ -184,8 +185,12 @@ def write_embeddings(result: Embeddings, out: str | Path) -> list[Path]:
 
 
 def embed(model: str | Path, images: str | Path, out: str | Path, batch_size: int = 64,
-          workers: int = 2, device: str = "cpu", patches: bool = False) -> Embeddings:
+          workers: int = 2, device: str = "cpu", patches: bool = False, trust: bool = False,
+          allow_unfinished: bool = False) -> Embeddings:
     """Embeds every image under ``images`` with ``model`` and writes the result to ``out``.
+
+    ``trust``: allow a checkpoint that needs full unpickling (it may run code when loaded).
+    ``allow_unfinished``: embed with a checkpoint of a run that did not finish.
 
     Raises:
         UserError: bad output suffix, option or device, missing model or folder, no decodable image.
@@ -198,8 +203,12 @@ def embed(model: str | Path, images: str | Path, out: str | Path, batch_size: in
         raise UserError(f"batch size {batch_size} / workers {workers}; accepted: >= 1 / >= 0")
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("device 'cuda' requested but CUDA is not available; accepted here: cpu")
+    if Path(out).is_dir():
+        raise UserError(f"output {str(out)!r} is a folder; accepted: a file path ending in "
+                        f"{' or '.join(OUTPUT_SUFFIXES)}")
+    rundir.check_writable(Path(out).parent, "output folder", "a writable folder")  # before any image is embedded, not after
     files = list_images(images)
-    encoder, preprocess = load_encoder(model)
+    encoder, preprocess = load_encoder(model, trust, allow_unfinished)
     if patches and not encoder.is_vit:
         raise UserError(f"--patches needs a ViT; {type(encoder.backbone).__name__} has no patch tokens")
     result = embed_files(encoder, files, preprocess, batch_size, workers, device, patches)
@@ -216,6 +225,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--patches", action="store_true", help="also save patch tokens [N, P, D] as .patches.npy")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load a checkpoint that needs full unpickling (it can run code: trusted files only)")
+    p.add_argument("--allow-unfinished", action="store_true",
+                   help="use a checkpoint of a run that did not finish (metrics.json status not ok)")
     return p
 
 
@@ -224,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = _parser().parse_args(argv)
     try:
         result = embed(opts.model, opts.images, opts.out, opts.batch_size, opts.workers,
-                       opts.device, opts.patches)
+                       opts.device, opts.patches, opts.trust_checkpoint, opts.allow_unfinished)
     except UserError as err:
         print(f"distortkd-embed: error: {err}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from distortkd import distortions
+from distortkd.checkpoints import load_checkpoint
 from distortkd.diagnostics import RepresentationMeter
 from distortkd.distortions import sample_seeds
 from distortkd.errors import UserError
@@ -47,7 +48,7 @@ def load_finetuned(cfg: DictConfig, build_model, num_classes: int, path: Path) -
         raise UserError(f"checkpoint {str(path)!r} does not exist; run the finetune job first or pass ckpt=")
     module = FinetuneModule(build_model(cfg.model, pretrained=False), num_classes,
                             distortions.build("identity"), optimizer=None, mode=cfg.finetune.mode)
-    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    state = load_checkpoint(path, trust=bool(cfg.get("trust_checkpoint", False)))["state_dict"]
     try:
         module.load_state_dict(state)
     except RuntimeError as err:
@@ -94,7 +95,8 @@ def evaluate_grid(cfg: DictConfig, run_dir: Path, build_model, checkpoint: Path)
     trainer = instantiate(trainer_cfg, logger=False, enable_checkpointing=False, callbacks=[],
                           enable_progress_bar=False, enable_model_summary=False)
     device = torch.device("cuda" if trainer_cfg["accelerator"] == "gpu" else "cpu")
-    teacher = FrozenTeacher(build_model(cfg.model)).to(device) if cfg.diagnostics.teacher else None
+    teacher = (FrozenTeacher(build_model(cfg.model, trust=cfg.get("trust_checkpoint", False))).to(device)
+               if cfg.diagnostics.teacher else None)
     rows, metrics = [], {}
     for name, severity, dist in grid_cells(cfg):
         module.distortion, module.test_prefix = dist, f"test/{name}/{severity:g}"

@@ -28,6 +28,7 @@ import timm
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from distortkd import rundir
 from distortkd.errors import UserError
 from distortkd.vit import Encoder
 
@@ -77,26 +78,35 @@ def resolve_checkpoint(source: str | Path) -> Path:
     return path
 
 
-def open_run(source: str | Path) -> Run:
-    """Finds the checkpoint and its run's ``config.yaml`` (beside ``checkpoints/`` or the file)."""
+def open_run(source: str | Path, allow_unfinished: bool = False) -> Run:
+    """Finds the checkpoint and its run's config (beside ``checkpoints/`` or the file).
+
+    A checkpoint of a run that did not finish (metrics.json status not ok) is refused unless
+    ``allow_unfinished`` (then a warning): an export or an embedding must not silently come from a
+    student killed mid-epoch.
+    """
     ckpt = resolve_checkpoint(source)
     places = [ckpt.parent.parent, ckpt.parent]
-    run_dir = next((d for d in places if (d / "config.yaml").is_file()), None)
-    if run_dir is None:
-        raise UserError(f"no config.yaml for checkpoint {str(ckpt)!r}; looked in "
+    run_dir = next((d for d in places if (d / "config.yaml").is_file() or (d / "metrics.json").is_file()), None)
+    config, why = rundir.read_config(run_dir) if run_dir is not None else (None, "no config.yaml")
+    if config is None:
+        raise UserError(f"no readable config for checkpoint {str(ckpt)!r} ({why}); looked in "
                         + " and ".join(repr(str(d)) for d in places))
-    metrics_file = run_dir / "metrics.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    return Run(ckpt, run_dir, OmegaConf.load(run_dir / "config.yaml"), metrics)
+    rundir.checked_upstream(ckpt, allow_unfinished)
+    metrics, _ = rundir.read_metrics(run_dir)
+    return Run(ckpt, run_dir, OmegaConf.create(config), metrics or {})
 
 
-def rebuild_encoder(run: Run) -> Encoder:
-    """The run's architecture with the checkpoint's weights and normalisation, in eval mode."""
+def rebuild_encoder(run: Run, trust: bool = False) -> Encoder:
+    """The run's architecture with the checkpoint's weights and normalisation, in eval mode.
+
+    ``trust``: allow a checkpoint that needs full unpickling (it may run code when loaded).
+    """
     from distortkd.build import build_model  # Lightning: only needed for checkpoints
     from distortkd.modules import load_encoder_weights
 
     encoder = build_model(run.cfg.model, pretrained=False)
-    meta = load_encoder_weights(encoder, run.ckpt)
+    meta = load_encoder_weights(encoder, run.ckpt, trust=trust)
     if meta.get("mean") and meta.get("std"):  # what the run normalised with, as recorded
         encoder = Encoder(encoder.backbone, tuple(meta["mean"]), tuple(meta["std"]))
     return encoder.eval()
@@ -183,10 +193,11 @@ def load_exported(folder: str | Path) -> Encoder:
     return Encoder(model, tuple(model.pretrained_cfg["mean"]), tuple(model.pretrained_cfg["std"])).eval()
 
 
-def load_encoder(source: str | Path) -> tuple[Encoder, dict]:
+def load_encoder(source: str | Path, trust: bool = False, allow_unfinished: bool = False) -> tuple[Encoder, dict]:
     """``(encoder, preprocessing)`` from an exported folder, a checkpoint or a run folder.
 
     ``preprocessing`` holds ``input_size`` ``[C, H, W]``, ``crop_pct`` and ``interpolation``.
+    ``trust``: allow a checkpoint that needs full unpickling (it may run code when loaded).
     """
     path = Path(source)
     if (path / CONFIG).is_file():
@@ -194,8 +205,8 @@ def load_encoder(source: str | Path) -> tuple[Encoder, dict]:
     if path.is_dir() and not (path / "checkpoints").is_dir():
         raise UserError(f"{str(path)!r} is neither an exported folder (no {CONFIG}) nor a run folder "
                         "(no checkpoints/)")
-    run = open_run(source)
-    encoder = rebuild_encoder(run)
+    run = open_run(source, allow_unfinished)
+    encoder = rebuild_encoder(run, trust)
     return encoder, data_config(run.cfg, encoder)
 
 
@@ -208,20 +219,25 @@ def _check_roundtrip(folder: Path, encoder: Encoder, input_size: list[int]) -> N
         raise RuntimeError(f"exported model differs from the checkpoint by {diff:.3g} (max |Δ|)")
 
 
-def export(source: str | Path, folder: str | Path) -> Path:
+def export(source: str | Path, folder: str | Path, trust: bool = False, allow_unfinished: bool = False) -> Path:
     """Writes ``model.safetensors``, ``config.json`` and ``README.md`` for ``source`` into ``folder``.
 
     Args:
         source: a distill/finetune ``.ckpt`` or a run folder (its best, else last, checkpoint).
         folder: output folder, created if needed; existing export files are overwritten.
+        trust: allow a checkpoint that needs full unpickling (it may run code when loaded).
+        allow_unfinished: export a checkpoint of a run that did not finish.
 
     Returns:
         ``folder``.
     """
     from safetensors.torch import save_file
 
-    run = open_run(source)
-    encoder = rebuild_encoder(run)
+    if Path(folder).exists() and not Path(folder).is_dir():
+        raise UserError(f"output {str(folder)!r} is an existing file; accepted: a folder (new or existing)")
+    rundir.check_writable(folder, "export folder", "a writable folder")  # before the checkpoint is read, not after
+    run = open_run(source, allow_unfinished)
+    encoder = rebuild_encoder(run, trust)
     config = timm_config(run, encoder)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -315,9 +331,12 @@ def finetunes_of(run: Run) -> list[dict]:
         return []
     rows, here = [], run.run_dir.resolve()
     for cfg_file in sorted((run.run_dir.parent.parent / "finetune").glob("*/config.yaml")):
-        cfg, metrics_file = OmegaConf.load(cfg_file), cfg_file.parent / "metrics.json"
+        config, _ = rundir.read_config(cfg_file.parent)
+        metrics, _ = rundir.read_metrics(cfg_file.parent)
+        if config is None or metrics is None or metrics.get("status") != "ok":
+            continue  # unreadable or unfinished: nothing to report on the card
+        cfg = OmegaConf.create(config)
         start = _init_run(cfg)
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
         if start is None or start.resolve() != here or "test/acc1" not in metrics:
             continue
         rows.append({"run": cfg_file.parent.name, "distortion": cfg.distortion.name,
@@ -369,6 +388,10 @@ def _parser() -> argparse.ArgumentParser:
                     "(model.safetensors, config.json, README.md).")
     p.add_argument("checkpoint", help="a .ckpt file, or a run folder (checkpoints/best.ckpt, else last.ckpt)")
     p.add_argument("out", help="output folder")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load a checkpoint that needs full unpickling (it can run code: trusted files only)")
+    p.add_argument("--allow-unfinished", action="store_true",
+                   help="export a checkpoint of a run that did not finish (metrics.json status not ok)")
     return p
 
 
@@ -376,7 +399,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``distortkd-export``; returns the exit status (2 for a user error)."""
     opts = _parser().parse_args(argv)
     try:
-        folder = export(opts.checkpoint, opts.out)
+        folder = export(opts.checkpoint, opts.out, trust=opts.trust_checkpoint,
+                        allow_unfinished=opts.allow_unfinished)
     except UserError as err:
         print(f"distortkd-export: error: {err}", file=sys.stderr)
         return 2

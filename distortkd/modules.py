@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from distortkd.checkpoints import load_checkpoint
 from distortkd.diagnostics import RepresentationMeter
 from distortkd.distortions import Distortion, sample_seeds
 from distortkd.errors import UserError
@@ -286,30 +287,27 @@ def run_checkpoint(run_dir: str | Path) -> Path | None:
     return None
 
 
-def load_encoder_weights(encoder: Encoder, path: str | Path) -> dict:
+def load_encoder_weights(encoder: Encoder, path: str | Path, *, trust: bool = False) -> dict:
     """Loads a distilled student (or a fine-tuned backbone) checkpoint into ``encoder``.
 
     Accepts a Lightning ``.ckpt`` from a distill run (``student.*`` keys) or a finetune run
     (``encoder.*`` keys), or a plain ``.safetensors``/``.pth`` state dict of the timm backbone.
+    ``trust``: allow a file that needs full unpickling (it may run code; see ``load_checkpoint``).
 
     Raises:
-        UserError: missing file, or weights made for another architecture (names both).
+        UserError: missing, damaged or untrusted file, or weights made for another architecture.
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"init checkpoint {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state, meta = load_file(str(path)), {}
-    else:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        meta = ckpt.get("distortkd", {}) if isinstance(ckpt, dict) else {}
-        state = ckpt.get("state_dict", ckpt)
-        for prefix in ("student.backbone.", "encoder.backbone."):
-            if any(k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-                break
+    ckpt = load_checkpoint(path, trust=trust)
+    meta = ckpt.get("distortkd", {})
+    meta = meta if isinstance(meta, dict) else {}
+    state = ckpt["state_dict"]
+    for prefix in ("student.backbone.", "encoder.backbone."):
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            break
     own = encoder.backbone.state_dict()
     bad = [k for k in own if k not in state or state[k].shape != own[k].shape]
     if bad or len(state) != len(own):

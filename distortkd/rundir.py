@@ -165,6 +165,19 @@ def checked_upstream(path: Path, allow_unfinished: bool = False) -> dict:
     return record
 
 
+def check_writable(folder: str | Path, what: str = "run folder",
+                   accepted: str = "a writable run root (paths.root=… or DISTORTKD_RUNS=…)") -> None:
+    """``folder`` can be created and written: tried before any computation (``os.access`` says
+    yes to root whatever the mount says)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write {what} {folder}: {err.strerror or err}; accepted: {accepted}") from None
+
+
 def sha256(path: str | Path) -> str:
     """The file's SHA-256 (hex), read in 1 MiB blocks (checkpoints can be GBs)."""
     digest = hashlib.sha256()

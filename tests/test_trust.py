@@ -155,6 +155,52 @@ def test_a_sweep_whose_jobs_all_failed_exits_1(runs, monkeypatch, capsys):
     assert code == 1 and "all 2 jobs failed" in err.strip().splitlines()[-1], err[-2000:]
 
 
+def test_export_and_embed_refuse_an_unfinished_run_unless_allowed(runs, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from distortkd import embed, export
+
+    _distill(monkeypatch, capsys)
+    run = _run_folder(runs)
+    (run / "metrics.json").unlink()
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (40, 40)).save(images / "a.png")
+    capsys.readouterr()
+    for main, args in ((export.main, [run, tmp_path / "export"]), (embed.main, [run, images, tmp_path / "e.npy"])):
+        assert main([*map(str, args)]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "unfinished run" in last and "allow_unfinished" in last, last
+        assert main([*map(str, args), "--allow-unfinished"]) == 0
+        assert "warning: using" in capsys.readouterr().err
+
+
+def test_export_and_embed_check_their_outputs_before_computing(runs, tmp_path, monkeypatch, capsys):
+    from distortkd import embed, export
+
+    _distill(monkeypatch, capsys)
+    run, taken = _run_folder(runs), tmp_path / "taken"
+    taken.write_text("a file")
+    loaded = []
+    monkeypatch.setattr(export, "open_run", lambda *a, **k: loaded.append(1))
+    capsys.readouterr()
+    assert export.main([str(run), str(taken)]) == 2 and "is an existing file" in capsys.readouterr().err
+    assert export.main([str(run), "/proc/distortkd/out"]) == 2 and "cannot write" in capsys.readouterr().err
+    assert embed.main([str(run), str(tmp_path), "/proc/distortkd/e.npy"]) == 2
+    assert "cannot write output folder /proc/distortkd" in capsys.readouterr().err and not loaded
+
+
+def test_export_survives_a_corrupt_metrics_json_of_a_finetune(runs, tmp_path, monkeypatch, capsys):
+    from distortkd import export
+
+    _distill(monkeypatch, capsys)
+    code, err = _cli("finetune", [*TINY, "method=ours"], monkeypatch, capsys)
+    assert code == 0, err[-2000:]
+    (_run_folder(runs, "finetune") / "metrics.json").write_text("{not json")
+    assert export.main([str(_run_folder(runs)), str(tmp_path / "out")]) == 0
+    assert "Fine-tuned from this student" not in (tmp_path / "out" / "README.md").read_text()
+
+
 # ------------------------------------------------------------------ 5. damaged run folders, locks
 
 
@@ -265,6 +311,9 @@ def test_a_cli_run_leaves_files_teammates_can_read(runs, monkeypatch, capsys):
         ("evaluate", ["families=[fog]"], "unknown evaluation family 'fog'"),
         ("evaluate", ["suite=imagenet_c"], "suite='imagenet_c'"),
         ("distill", ["paths.root=/proc/distortkd"], "cannot write run folder /proc/distortkd"),
+        ("distill", ["distortion=blur_weak", "distortion.params.kernel_size=4"], "kernel_size"),
+        ("distill", ["distortion.params.sigma=nan"], "sigma"),
+        ("distill", ["+distortion.params.clip=maybe"], "clip"),
     ],
 )
 def test_bad_values_are_refused_before_any_work(entry, args, needle, runs, monkeypatch, capsys):
