@@ -90,7 +90,7 @@ def open_run(source: str | Path, allow_unfinished: bool = False) -> Run:
     run_dir = next((d for d in places if (d / "config.yaml").is_file() or (d / "metrics.json").is_file()), None)
     config, why = rundir.read_config(run_dir) if run_dir is not None else (None, "no config.yaml")
     if config is None:
-        raise UserError(f"no readable config for checkpoint {str(ckpt)!r} ({why}); looked in "
+        raise UserError(f"no config.yaml for checkpoint {str(ckpt)!r} ({why}); looked in "
                         + " and ".join(repr(str(d)) for d in places))
     rundir.checked_upstream(ckpt, allow_unfinished)
     metrics, _ = rundir.read_metrics(run_dir)
@@ -235,8 +235,8 @@ def export(source: str | Path, folder: str | Path, trust: bool = False, allow_un
 
     if Path(folder).exists() and not Path(folder).is_dir():
         raise UserError(f"output {str(folder)!r} is an existing file; accepted: a folder (new or existing)")
-    rundir.check_writable(folder, "export folder", "a writable folder")  # before the checkpoint is read, not after
     run = open_run(source, allow_unfinished)
+    rundir.check_writable(folder, "export folder", "a writable folder")  # before the weights are loaded
     encoder = rebuild_encoder(run, trust)
     config = timm_config(run, encoder)
     folder = Path(folder)

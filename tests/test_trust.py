@@ -182,7 +182,7 @@ def test_export_and_embed_check_their_outputs_before_computing(runs, tmp_path, m
     run, taken = _run_folder(runs), tmp_path / "taken"
     taken.write_text("a file")
     loaded = []
-    monkeypatch.setattr(export, "open_run", lambda *a, **k: loaded.append(1))
+    monkeypatch.setattr(export, "rebuild_encoder", lambda *a, **k: loaded.append(1))
     capsys.readouterr()
     assert export.main([str(run), str(taken)]) == 2 and "is an existing file" in capsys.readouterr().err
     assert export.main([str(run), "/proc/distortkd/out"]) == 2 and "cannot write" in capsys.readouterr().err
