@@ -25,15 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import PIL.Image
 import torch
-from PIL import ImageOps
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
 from distortkd.errors import UserError
+from distortkd.images import BadImage, open_image
 from distortkd.vit import Encoder
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -89,12 +88,11 @@ class ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[int, Tensor | None, str]:
-        try:
-            with PIL.Image.open(self.files[i]) as im:
-                # exif_transpose: camera photos stored sideways; convert() forces the full decode.
-                return i, self.transform(ImageOps.exif_transpose(im).convert(self.mode)), ""
-        except Exception as err:  # truncated, unidentified, bomb, odd modes: skip the file, go on
-            return i, None, f"{type(err).__name__}: {err}"
+        try:  # the training path's decode: same pixels, same files refused
+            image = open_image(self.files[i], self.mode)
+        except BadImage as err:
+            return i, None, str(err)
+        return i, self.transform(image), ""
 
 
 def _collate(items: list[tuple[int, Tensor | None, str]]) -> dict:
