@@ -24,9 +24,13 @@ from typing import IO
 
 import numpy as np
 import PIL.Image
-from PIL import ImageFile, ImageOps
+from PIL import ImageFile
 
 _BOMBS = (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning)
+_T = PIL.Image.Transpose
+# EXIF orientation → the transpose that shows the image upright (ImageOps.exif_transpose's table).
+_UPRIGHT = {2: _T.FLIP_LEFT_RIGHT, 3: _T.ROTATE_180, 4: _T.FLIP_TOP_BOTTOM, 5: _T.TRANSPOSE,
+            6: _T.ROTATE_270, 7: _T.TRANSVERSE, 8: _T.ROTATE_90}
 _RANGE = {"I": 65535.0, "F": 1.0}  # what a 32-bit int / float pixel is read against
 
 
@@ -62,6 +66,17 @@ def _to_8bit(im: PIL.Image.Image) -> PIL.Image.Image:
     return PIL.Image.fromarray(np.rint(pixels * (255 / full)).astype(np.uint8), "L")
 
 
+def upright(im: PIL.Image.Image) -> PIL.Image.Image:
+    """``im`` loaded and turned as its EXIF orientation says.
+
+    By hand: ``ImageOps.exif_transpose`` also re-encodes the EXIF block, which raises on a
+    malformed tag that has nothing to do with the pixels (an XResolution stored as text).
+    """
+    method = _UPRIGHT.get(im.getexif().get(PIL.Image.ExifTags.Base.Orientation))
+    im.load()
+    return im.transpose(method) if method is not None else im
+
+
 def to_mode(im: PIL.Image.Image, mode: str) -> PIL.Image.Image:
     """``im`` (any PIL mode) → ``mode`` (``L`` or ``RGB``), 8 bits, high bit depths scaled."""
     if im.mode.startswith("I;16") or im.mode in _RANGE:
@@ -80,7 +95,7 @@ def open_image(source: str | IO[bytes], mode: str) -> PIL.Image.Image:
     with _strict():
         try:
             with PIL.Image.open(source) as im:
-                return to_mode(ImageOps.exif_transpose(im), mode)  # transpose loads the pixels
+                return to_mode(upright(im), mode)
         except BadImage:
             raise
         except _BOMBS as err:
