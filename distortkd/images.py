@@ -41,7 +41,7 @@ class BadImage(Exception):
 @contextmanager
 def _strict():
     """PIL's checks at their strict setting for one decode (its options are process-wide: another
-    library may have loosened them). DataLoader workers are processes, so no thread sees the swap."""
+    library may have loosened them). DataLoader workers are processes: no thread sees the swap."""
     saved = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:

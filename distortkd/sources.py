@@ -174,7 +174,8 @@ def read_idx(path: Path) -> np.ndarray:
     if not data:
         raise _idx_error(path, "is empty")
     if data[:3] != b"\0\0\x08" or len(data) < 4:  # two zero bytes, then type code 8 = uint8
-        raise _idx_error(path, f"is not a uint8 IDX file (magic {data[:4].hex()}, expected 000008xx)")
+        raise _idx_error(path, f"is not a uint8 IDX file (magic {data[:4].hex()}, "
+                         "expected 000008xx)")
     header = 4 + 4 * data[3]
     if len(data) < header:
         raise _idx_error(path, f"is truncated: {len(data)} bytes, within its {header}-byte header")
