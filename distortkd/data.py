@@ -124,8 +124,11 @@ class HFImages(Dataset):
         return len(self.index)
 
     def _decode(self, value: dict, position: int) -> PIL.Image.Image | None:
+        value = value or {}  # a null cell
         try:
-            source = io.BytesIO(value["bytes"]) if value["bytes"] else value["path"]
+            source = io.BytesIO(value["bytes"]) if value.get("bytes") else value.get("path")
+            if source is None:
+                raise BadImage("the row holds no image (neither bytes nor path)")
             return open_image(source, self.mode)
         except BadImage as err:
             self.bad[position] = True

@@ -326,6 +326,18 @@ def test_16bit_png_reaches_the_batch_scaled_not_clipped(tmp_path, in_memory):
     assert (batch["image"] - 128 / 255).abs().max() < 1e-6  # 32768 / 65535, in 8 bits
 
 
+def test_row_without_an_image_is_skipped_and_counted(tmp_path):
+    rows = hub_split("cifar10", "test", 1, np.random.default_rng(0)).to_dict()
+    rows["img"][3] = None  # a null cell, as a partly failed export leaves
+    features = Features({"img": Image(), "label": ClassLabel(names=CIFAR10_NAMES)})
+    DatasetDict(train=Dataset.from_dict(rows, features=features),
+                test=Dataset.from_dict(rows, features=features)).save_to_disk(str(tmp_path / "c10"))
+    dm = ImageDataModule("cifar10", path=str(tmp_path / "c10"), image_size=32, batch_size=4,
+                         max_bad_fraction=0.2, cache_dir=str(tmp_path / "cache"), **KW)
+    seen = torch.cat([b["index"] for b in dm.test_dataloader()])
+    assert seen.tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 9] and dm.skipped["test"] == 1
+
+
 def bomb_tree(tmp_path: Path) -> Path:
     """The JPEG tree, two train images made 60x60 and 80x100 (bomb bands at a 2000-pixel limit)."""
     root = tmp_path / "in100"
