@@ -2,8 +2,9 @@
 
 ``<model>`` is an exported folder (``config.json``, see ``distortkd.export``), a distill/finetune
 checkpoint or a run folder. Images (recursive; jpg/jpeg/png/bmp/webp/tif/tiff) get the run's eval
-preprocessing: grey or RGB to match ``in_chans``, the shorter side resized to
-``floor(H / crop_pct)``, a centred ``H × W`` crop, values in ``[0, 1]`` (the encoder normalises).
+preprocessing: decoded as training decodes them (``distortkd.images``: 16-bit scaled, EXIF upright),
+grey or RGB to match ``in_chans``, the shorter side resized to ``floor(H / crop_pct)``, a centred
+``H × W`` crop, values in ``[0, 1]`` (the encoder normalises).
 
 Outputs, rows in the order of the file list:
 
