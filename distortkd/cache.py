@@ -45,7 +45,7 @@ from distortkd.errors import UserError
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2  # 2: decoded by distortkd.images (16-bit scaled, EXIF upright); 1's canvases rebuild
 KINDS = (None, "uint8")  # accepted values of data.cache
 IMAGES, VALID, SIDECAR = "images.u8", "valid.npy", "meta.json"
 

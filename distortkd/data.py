@@ -35,6 +35,7 @@ from torchvision.transforms import v2
 from distortkd import cache as canvases
 from distortkd import sources
 from distortkd.errors import UserError, unknown
+from distortkd.images import BadImage, open_image
 from distortkd.sources import DATASETS, DatasetSpec, load_hub_split, open_local
 from distortkd.sources import NO_VAL as NO_VAL  # re-exported
 from distortkd.sources import read_idx as read_idx  # re-exported
@@ -43,7 +44,6 @@ from distortkd.transforms import resized_crop as resized_crop  # re-exported
 from distortkd.transforms import rrc_boxes as rrc_boxes  # re-exported
 
 log = logging.getLogger(__name__)
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError)  # truncated, unidentified or malformed files
 
 
 def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -124,11 +124,13 @@ class HFImages(Dataset):
         return len(self.index)
 
     def _decode(self, value: dict, position: int) -> PIL.Image.Image | None:
-        try:  # convert() forces the full decode, so a truncated file fails here
-            source = io.BytesIO(value["bytes"]) if value["bytes"] else value["path"]
-            with PIL.Image.open(source) as im:
-                return im.convert(self.mode)
-        except _DECODE_ERRORS as err:
+        value = value or {}  # a null cell
+        try:
+            source = io.BytesIO(value["bytes"]) if value.get("bytes") else value.get("path")
+            if source is None:
+                raise BadImage("the row holds no image (neither bytes nor path)")
+            return open_image(source, self.mode)
+        except BadImage as err:
             self.bad[position] = True
             n_bad, path = int(self.bad.sum()), value.get("path")
             log.warning("skipping undecodable image %s (row %d of %s): %s",

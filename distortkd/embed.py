@@ -2,8 +2,9 @@
 
 ``<model>`` is an exported folder (``config.json``, see ``distortkd.export``), a distill/finetune
 checkpoint or a run folder. Images (recursive; jpg/jpeg/png/bmp/webp/tif/tiff) get the run's eval
-preprocessing: grey or RGB to match ``in_chans``, the shorter side resized to
-``floor(H / crop_pct)``, a centred ``H × W`` crop, values in ``[0, 1]`` (the encoder normalises).
+preprocessing: decoded as training decodes them (``distortkd.images``: 16-bit scaled, EXIF upright),
+grey or RGB to match ``in_chans``, the shorter side resized to ``floor(H / crop_pct)``, a centred
+``H × W`` crop, values in ``[0, 1]`` (the encoder normalises).
 
 Outputs, rows in the order of the file list:
 
@@ -25,9 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import PIL.Image
 import torch
-from PIL import ImageOps
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
@@ -35,6 +34,7 @@ from torchvision.transforms.v2 import InterpolationMode
 
 from distortkd import rundir
 from distortkd.errors import UserError
+from distortkd.images import BadImage, open_image
 from distortkd.vit import Encoder
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -90,12 +90,11 @@ class ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[int, Tensor | None, str]:
-        try:
-            with PIL.Image.open(self.files[i]) as im:
-                # exif_transpose: camera photos stored sideways; convert() forces the full decode.
-                return i, self.transform(ImageOps.exif_transpose(im).convert(self.mode)), ""
-        except Exception as err:  # truncated, unidentified, bomb, odd modes: skip the file, go on
-            return i, None, f"{type(err).__name__}: {err}"
+        try:  # the training path's decode: same pixels, same files refused
+            image = open_image(self.files[i], self.mode)
+        except BadImage as err:
+            return i, None, str(err)
+        return i, self.transform(image), ""
 
 
 def _collate(items: list[tuple[int, Tensor | None, str]]) -> dict:

@@ -8,10 +8,12 @@ torch Datasets and loaders.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import socket
 import urllib.parse
 import urllib.request
+import zlib
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
@@ -138,18 +140,53 @@ def open_local(path: str | Path, cache_dir: str | None = None) -> datasets.Datas
                         f"{str(err).strip().split(chr(10))[0][:160]}") from None
 
 
+_IDX_HINT = "re-install dataset-fashion-mnist or point data.path elsewhere"
+
+
+def _idx_error(path: Path, what: str) -> UserError:
+    return UserError(f"{path} {what}; {_IDX_HINT}")
+
+
+def _idx_bytes(path: Path) -> bytes:
+    """The file's IDX bytes, gunzipped when ``.gz``; of a cut-off stream, what it holds."""
+    raw = path.read_bytes()
+    if path.suffix != ".gz":
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except EOFError:  # cut off: the bytes so far, so that the size check can say how short
+        return zlib.decompressobj(wbits=31).decompress(raw)
+
+
 def read_idx(path: Path) -> np.ndarray:
     """An IDX file (``.gz`` or raw) as uint8: images ``[N, 28, 28]`` or labels ``[N]``.
 
     By hand: torchvision's IDX reader takes uncompressed files only, and Debian ships ``.gz``.
+    Every way a file can be short, cut, empty or not IDX is a one-line ``UserError`` naming it.
     """
+    if not path.exists() and not path.with_suffix("").exists():
+        raise _idx_error(path, f"is missing, and so is {path.with_suffix('').name}")
     path = path if path.exists() else path.with_suffix("")
-    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
-        data = f.read()
-    if data[:3] != b"\0\0\x08":  # magic: two zero bytes, then type code 8 = uint8
-        raise UserError(f"{path} is not a uint8 IDX file")
+    try:
+        data = _idx_bytes(path)
+    except (OSError, zlib.error) as err:  # not gzip, corrupt deflate data, bad CRC, unreadable
+        raise _idx_error(path, f"cannot be read ({type(err).__name__}: {err})") from None
+    if not data:
+        raise _idx_error(path, "is empty")
+    if data[:3] != b"\0\0\x08" or len(data) < 4:  # two zero bytes, then type code 8 = uint8
+        raise _idx_error(path, f"is not a uint8 IDX file (magic {data[:4].hex()}, "
+                         "expected 000008xx)")
+    header = 4 + 4 * data[3]
+    if len(data) < header:
+        raise _idx_error(path, f"is truncated: {len(data)} bytes, within its {header}-byte header")
     dims = np.frombuffer(data, ">u4", count=data[3], offset=4).astype(int)
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * data[3]).reshape(dims)
+    need, have = math.prod(dims), len(data) - header
+    if have != need:
+        shape = "x".join(str(d) for d in dims)
+        what = "is truncated" if have < need else "has trailing bytes"
+        raise _idx_error(path, f"{what}: header says {shape} ({need:,} bytes of data), file holds "
+                         f"{have:,}")
+    return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
 
 
 def idx_folder(path: str | None, spec: DatasetSpec) -> Path | None:
@@ -162,8 +199,19 @@ def idx_folder(path: str | None, spec: DatasetSpec) -> Path | None:
 def read_idx_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """A Fashion-MNIST split from its IDX files: images ``[N, 28, 28]`` uint8, labels ``[N]``."""
     prefix = folder / {"train": "train", "test": "t10k"}[split]
-    images = read_idx(Path(f"{prefix}-images-idx3-ubyte.gz"))
-    return images, read_idx(Path(f"{prefix}-labels-idx1-ubyte.gz")).astype(np.int64)
+    image_file = Path(f"{prefix}-images-idx3-ubyte.gz")
+    label_file = Path(f"{prefix}-labels-idx1-ubyte.gz")
+    images, labels = read_idx(image_file), read_idx(label_file)
+    classes = DATASETS["fashion_mnist"].num_classes
+    for file, array, ndim in ((image_file, images, 3), (label_file, labels, 1)):
+        if array.ndim != ndim:
+            raise _idx_error(file, f"holds a {array.ndim}-d array; expected {ndim}-d")
+    if len(labels) != len(images):
+        raise _idx_error(label_file, f"holds {len(labels):,} labels for {len(images):,} images "
+                         f"in {image_file.name}")
+    if len(labels) and labels.max() >= classes:
+        raise _idx_error(label_file, f"holds label {labels.max()}; expected 0..{classes - 1}")
+    return images, labels.astype(np.int64)
 
 
 def split_table(name: str, split: str, path: str | None, local: datasets.DatasetDict | None,

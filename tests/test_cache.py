@@ -253,6 +253,25 @@ def test_corrupt_images_are_masked_and_dropped(tmp_path):
     assert not list((tmp_path / "strict").rglob(cache.SIDECAR))  # nothing trusted was left
 
 
+def test_16bit_png_is_scaled_and_oversize_image_skipped_in_the_canvas(tmp_path, monkeypatch):
+    root = write_tree(tmp_path / "odd", seed=2)
+    (root / "train" / WNIDS[0] / "0.JPEG").unlink()
+    half = PIL.Image.fromarray(np.full((200, 300), 32768, np.uint16))  # 16-bit grey
+    half.save(root / "train" / WNIDS[0] / "0.png")
+    big = root / "train" / WNIDS[2] / "1.JPEG"
+    PIL.Image.new("RGB", (500, 400), (90, 60, 30)).save(big)  # 200k pixels: bomb at a 70k limit
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 70_000)  # the other images hold <= 60k
+    dm = module(root, tmp_path, cache="uint8", max_bad_fraction=0.05)
+    dm.setup("fit")
+    paths = [row["path"] for row in image_column(dm)]
+    png, bomb = (next(i for i, p in enumerate(paths) if p.endswith(end))
+                 for end in (f"{WNIDS[0]}/0.png", f"{WNIDS[2]}/1.JPEG"))
+    canvases = np.memmap(dm._raw["train"]["canvas"], np.uint8, "r", shape=(40, 3, SIDE, SIDE))
+    assert (canvases[png] == 128).all()  # 32768 / 65535 in 8 bits, not clipped to 255
+    valid = np.load(cache_folder(dm) / cache.VALID)
+    assert np.flatnonzero(~valid).tolist() == [bomb] and dm.skipped["train"] == 1
+
+
 def test_bad_options_are_user_errors(tree, tmp_path):
     with pytest.raises(UserError, match="cache 'fp16'; accepted: null, uint8"):
         module(tree, tmp_path, cache="fp16")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import re
 import time
 from pathlib import Path
 
@@ -305,6 +306,64 @@ def test_too_many_corrupt_images_is_a_user_error(tmp_path):
         list(dm.train_dataloader())
 
 
+def png16_tree(tmp_path: Path) -> Path:
+    """The JPEG tree, with one 16-bit grey PNG per class and split at half intensity."""
+    root = tmp_path / "in100"
+    write_jpeg_tree(root, ["n02869837", "n01749939"], np.random.default_rng(0))
+    for folder in root.glob("*/*"):
+        for k in range(2):
+            (folder / f"{folder.name}_{k}.JPEG").unlink()
+        PIL.Image.fromarray(np.full((40, 50), 32768, np.uint16)).save(folder / "half.png")
+    return root
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_16bit_png_reaches_the_batch_scaled_not_clipped(tmp_path, in_memory):
+    dm = ImageDataModule("imagenet100", path=str(png16_tree(tmp_path)), image_size=32,
+                         in_memory=in_memory, cache_dir=str(tmp_path / "cache"), **KW)
+    batch = next(iter(dm.val_dataloader()))
+    assert len(batch["index"]) == 2 and dm.skipped["val"] == 0
+    assert (batch["image"] - 128 / 255).abs().max() < 1e-6  # 32768 / 65535, in 8 bits
+
+
+def test_row_without_an_image_is_skipped_and_counted(tmp_path):
+    rows = hub_split("cifar10", "test", 1, np.random.default_rng(0)).to_dict()
+    rows["img"][3] = None  # a null cell, as a partly failed export leaves
+    features = Features({"img": Image(), "label": ClassLabel(names=CIFAR10_NAMES)})
+    DatasetDict(train=Dataset.from_dict(rows, features=features),
+                test=Dataset.from_dict(rows, features=features)).save_to_disk(str(tmp_path / "c10"))
+    dm = ImageDataModule("cifar10", path=str(tmp_path / "c10"), image_size=32, batch_size=4,
+                         max_bad_fraction=0.2, cache_dir=str(tmp_path / "cache"), **KW)
+    seen = torch.cat([b["index"] for b in dm.test_dataloader()])
+    assert seen.tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 9] and dm.skipped["test"] == 1
+
+
+def bomb_tree(tmp_path: Path) -> Path:
+    """The JPEG tree, two train images made 60x60 and 80x100 (bomb bands at a 2000-pixel limit)."""
+    root = tmp_path / "in100"
+    write_jpeg_tree(root, ["n02869837", "n01749939", "n02488291"], np.random.default_rng(1))
+    rng = np.random.default_rng(2)
+    for name, shape in (("n01749939_1", (60, 60, 3)), ("n02488291_0", (80, 100, 3))):
+        path = next(root.glob(f"train/*/{name}.JPEG"))
+        path.write_bytes(encode(rng.integers(0, 256, shape, np.uint8), "JPEG"))
+    return root
+
+
+def test_oversize_images_are_skipped_and_counted(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 2000)  # 40x50 fits; 60x60 warns; 80x100 errs
+    root = bomb_tree(tmp_path)
+    dm = ImageDataModule("imagenet100", path=str(root), image_size=32, batch_size=4,
+                         max_bad_fraction=0.4, cache_dir=str(tmp_path / "cache"), **KW)
+    seen = torch.cat([b["index"] for b in dm.train_dataloader()])
+    assert len(seen) == len(dm.dataset("train")) - 2 == 4 and dm.skipped["train"] == 2
+    for name, band in (("n01749939_1", "Warning"), ("n02488291_0", "Error")):
+        assert re.search(f"{name}.JPEG .*DecompressionBomb{band}", caplog.text)
+    strict = ImageDataModule("imagenet100", path=str(root), image_size=32,
+                             cache_dir=str(tmp_path / "cache"), **KW)
+    with pytest.raises(UserError, match="1 of 6 images .* max_bad_fraction 0.001"):
+        list(strict.train_dataloader())
+
+
 def test_fashion_mnist_from_debian_files_matches_the_idx_labels():
     with gzip.open(FMNIST / "train-labels-idx1-ubyte.gz") as f:
         train_labels = np.frombuffer(f.read(), np.uint8, offset=8)
@@ -322,6 +381,37 @@ def test_fashion_mnist_from_debian_files_matches_the_idx_labels():
     rgb = ImageDataModule("fashion_mnist", image_size=32, in_chans=3, **KW)
     image = next(iter(rgb.train_dataloader()))["image"]
     assert image.shape[1:] == (3, 32, 32) and torch.equal(image[:, 0], image[:, 2])
+
+
+IDX_DAMAGE = {  # file, damage, what the one-line error must say
+    "cut": ("images", lambda b: b[:1234], "is truncated: header says 10000x28x28"),
+    "empty": ("images", lambda b: b"", "is empty"),
+    "magic": ("images", lambda b: gzip.compress(b"\0\0\x09" + gzip.decompress(b)[3:]),
+              "is not a uint8 IDX file"),
+    "crc": ("images", lambda b: b[:-8] + bytes([b[-8] ^ 0xFF]) + b[-7:], "CRC check failed"),
+    "labels": ("labels", lambda b: gzip.compress(gzip.decompress(b)[:-1]), "is truncated"),
+    "count": ("labels", lambda b: gzip.compress(b"\0\0\x08\x01\0\0\x27\x0f"
+                                                + gzip.decompress(b)[8:-1]),
+              "holds 9,999 labels for 10,000 images"),
+}
+
+
+@pytest.mark.parametrize("case", list(IDX_DAMAGE))
+def test_damaged_idx_file_is_a_one_line_error_naming_it(tmp_path, case):
+    kind, damage, says = IDX_DAMAGE[case]
+    for original in FMNIST.glob("*.gz"):  # the originals are never touched: copies, or links
+        if original.name.startswith("train"):
+            (tmp_path / original.name).symlink_to(original)
+        else:
+            (tmp_path / original.name).write_bytes(original.read_bytes())
+    bad = tmp_path / f"t10k-{kind}-idx{3 if kind == 'images' else 1}-ubyte.gz"
+    bad.write_bytes(damage(bad.read_bytes()))
+    dm = ImageDataModule("fashion_mnist", path=str(tmp_path), image_size=28, in_chans=1, **KW)
+    with pytest.raises(UserError) as err:
+        dm.setup("test")
+    message = str(err.value)
+    assert message.startswith(f"{bad} ") and says in message and "\n" not in message
+    assert message.endswith("re-install dataset-fashion-mnist or point data.path elsewhere")
 
 
 def test_fast_path_flip_only_uses_no_pil_and_no_resampling(monkeypatch):

@@ -150,6 +150,26 @@ def test_embed_parquet_from_checkpoint_matches_npy(run, exported, images, tmp_pa
     np.testing.assert_allclose(np.stack(table["embedding"]), np.load(tmp_path / "a.npy"), atol=1e-6)
 
 
+def test_embed_reads_16bit_pngs_as_training_does_and_skips_oversize_ones(exported, tmp_path,
+                                                                          monkeypatch):
+    grey = np.random.default_rng(3).integers(0, 256, (48, 72), dtype=np.uint8)
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    Image.fromarray(grey).save(folder / "eight.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(folder / "sixteen.png")  # same, 16 bits
+    Image.new("RGB", (80, 80)).save(folder / "warns.png")  # PIL's warning band at a 5000 limit
+    Image.new("RGB", (120, 100)).save(folder / "errs.png")  # its error band, over 2 x 5000
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)
+    out = tmp_path / "odd.npy"
+    result = embed.embed(exported, folder, out, workers=0)
+    assert [f.name for f in result.files] == ["eight.png", "sixteen.png"]
+    np.testing.assert_allclose(result.cls[1], result.cls[0], atol=1e-6)
+    skipped = out.with_suffix(".skipped.txt").read_text().splitlines()
+    assert [line.split("\t")[0] for line in skipped] == [str(folder / "errs.png"),
+                                                         str(folder / "warns.png")]
+    assert "DecompressionBombError" in skipped[0] and "DecompressionBombWarning" in skipped[1]
+
+
 def test_checkpoint_resolution_prefers_best(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.ckpt").touch()
