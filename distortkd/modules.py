@@ -76,6 +76,13 @@ class _Base(L.LightningModule):
         sched = warmup_cosine(opt, total, warm, self.min_lr_ratio)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    @staticmethod
+    def empty(batch: dict) -> bool:
+        """A batch whose every image was undecodable (skipped and counted by the datamodule): the
+        step is skipped. (Under DDP a rank with nothing to train would stall the others' gradient
+        all-reduce; with ``max_bad_fraction``'s default of 0.1 % a whole bad batch needs tiny batches.)"""
+        return len(batch["index"]) == 0
+
     def seeds(self, batch: dict) -> Tensor:
         return sample_seeds(batch["index"], self.eval_seed)
 
@@ -133,7 +140,9 @@ class DistillModule(_Base):
         # student and of the untouched teacher on distorted vs the teacher on clean, per epoch.
         self.meters = {"student": RepresentationMeter(), "teacher": RepresentationMeter()}
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+        if self.empty(batch):
+            return None
         out = self.step_fn(self.student, self.teacher, self.distortion, self.loss_fn, batch["image"],
                            None, self.with_attn, self.contrastive)
         self.check_finite(out["loss"])
@@ -142,6 +151,8 @@ class DistillModule(_Base):
         return out["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if self.empty(batch):
+            return
         images, seeds = batch["image"], self.seeds(batch)
         distorted = self.distortion(images, seeds)
         vit = self.student.is_vit
@@ -216,7 +227,9 @@ class FinetuneModule(_Base):
         if self.mode != "full":
             self.encoder.eval()  # frozen backbone: no dropout / drop-path noise in its features
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+        if self.empty(batch):
+            return None
         loss, logits = supervised_loss(self.encoder, self.head, self.distortion, batch["image"], batch["label"])
         self.check_finite(loss)
         acc = (logits.argmax(-1) == batch["label"]).float().mean()
@@ -230,10 +243,14 @@ class FinetuneModule(_Base):
         return self.head(self.encoder(distorted))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if self.empty(batch):
+            return
         self.val_acc(self._predict(batch), batch["label"])
         self.log("val/acc1", self.val_acc, prog_bar=True)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
+        if self.empty(batch):
+            return
         self.test_acc(self._predict(batch), batch["label"])
         self.log(f"{self.test_prefix}/acc1", self.test_acc)
 

@@ -338,3 +338,18 @@ def test_the_stopped_exit_codes_are_the_shells(monkeypatch):
         assert cli._signal_of(stop) == "SIGINT"
     assert cli._signal_of(SystemExit(2)) is None
     assert cli._STOPPED == {"SIGTERM": 128 + signal.SIGTERM, "SIGINT": 128 + signal.SIGINT}
+
+
+def test_a_batch_of_only_undecodable_images_is_skipped_not_fatal(runs, tmp_path, monkeypatch, capsys):
+    """Batch size 1 over a folder with a truncated JPEG: that batch is empty; the run finishes."""
+    from test_data import corrupt_tree
+
+    root = corrupt_tree(tmp_path)
+    bad = root / "val" / "n01749939" / "n01749939_1.JPEG"
+    bad.write_bytes(bad.read_bytes()[:300])  # one empty batch in validation too
+    args = ["experiment=test", "data=imagenet100", f"data.path={root}", "data.batch_size=1",
+            "data.max_bad_fraction=0.5", "data.num_workers=0", f"data.cache_dir={tmp_path / 'cache'}",
+            "data.in_memory=false"]
+    code, err = _cli("distill", args, monkeypatch, capsys)
+    assert code == 0, err[-3000:]
+    assert _json(_run_folder(runs) / "metrics.json")["status"] == "ok"
