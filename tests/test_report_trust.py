@@ -11,6 +11,8 @@ from omegaconf import OmegaConf
 from test_report import _layout_runs, acc, parse_table, run_report, section, write_run
 
 from distortkd import report
+from distortkd.runs import load_runs
+from distortkd.tables import pivot_table
 
 
 def _report(capsys, *args):
@@ -43,7 +45,7 @@ def test_pivot_never_pools_two_settings_and_names_the_conflict():
     df = pd.DataFrame({"status": ["ok"] * 3, "path": ["p0", "p1", "q0"], "seed": [0, 1, 0],
                        "r": ["noise_strong"] * 3, "c": ["ours"] * 3, "v": [0.6, 0.62, 0.9],
                        "setting": [setting(0.5), setting(0.5), setting(0.05)]})
-    piv = report.pivot_table(df, "r", "c", "v")
+    piv = pivot_table(df, "r", "c", "v")
     assert math.isnan(piv.mean.at["noise_strong", "ours"]) and piv.n.at["noise_strong", "ours"] == 0
     reasons = dict(piv.left_out)
     assert set(reasons) == {"p0", "p1", "q0"}
@@ -131,7 +133,7 @@ def test_folders_without_a_readable_config_are_listed(tmp_path, capsys):
     (tmp_path / "ok" / "checkpoints" / "last.ckpt").write_bytes(b"\0")
     (tmp_path / "ok" / "csv").mkdir()
     (tmp_path / "ok" / "csv" / "metrics.json").write_text("{}")  # inside a run: not a run
-    runs = report.load_runs([tmp_path])
+    runs = load_runs([tmp_path])
     assert sorted(p.rsplit("/", 1)[1] for p in runs["path"]) == ["ckpt_only", "metrics_only", "ok"]
     md = _report(capsys, tmp_path, "--out", tmp_path / "out", "--only", "table1")
     left = section(md, "Left out")
