@@ -38,6 +38,7 @@ def write_run(root, name, metrics, **fields):
         cfg["loss"] = {"name": fields["loss"]}
     if "params" in fields:
         cfg["distortion"]["params"] = fields["params"]
+    cfg.update(fields.get("extra", {}))  # other top-level settings (init, suite, ...)
     run = root / name
     run.mkdir(parents=True)
     OmegaConf.save(OmegaConf.create(cfg), run / "config.yaml")
