@@ -18,10 +18,11 @@ import pandas as pd
 from distortkd.tables import differing, setting_labels
 
 METHODS = {"ci": "CI", "supervised": "Supervised", "ours": "Ours"}
-# Settings that say how a fine-tuned model was initialised (which method, which student): a student
-# and its supervised baseline differ only in these. Everything else (data, model, the distortion it
-# was fine-tuned on, label fraction, fine-tune mode, evaluation suite, ...) must be equal.
-INIT_KEYS = ("method", "init", "loss.", "pretrain.")
+# Settings that say which model a run trained or evaluated (the method, the student it started from,
+# and for an evaluate run the fine-tuned checkpoint, whose path names the method): a student and its
+# supervised baseline differ only in these. Everything else (data, model, the distortion it was
+# fine-tuned on, label fraction, fine-tune mode, evaluation suite, ...) must be equal.
+INIT_KEYS = ("method", "init", "loss.", "pretrain.", "ckpt")
 
 
 def why_missing(bad: object, names: Sequence[str]) -> str:
