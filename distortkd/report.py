@@ -5,11 +5,14 @@ seeds of runs whose settings are identical but for the seed; a seed that ran twi
 settings is averaged first. Runs that land in the same cell with different settings are never
 pooled: each setting gets its own row, tagged with the keys that tell them apart
 (``noise_strong [distortion.params.sigma=0.05]``, see :mod:`distortkd.tables`); the held-out
-tables tag the model column instead. ``n`` (the seed count in the footnote) counts pooled runs only.
+tables tag the model column instead, and the figures their curves, by the same rule
+(:mod:`distortkd.selection`). ``n`` (the seed count in the footnote) counts pooled runs only. A
+model's mCE is relative to the supervised runs of its setting but method/init, pooled over seeds.
 
 Nothing is dropped silently: every run that gives a table no value — failed, stopped, unfinished,
-a config that cannot be read, a metric that is missing, null, NaN or inf — is listed under
-"Left out" with the reason, and its cell stays in the missing-cell list. Tables are built from
+a config that cannot be read, a metric that is missing, null, NaN or inf, no single mCE baseline —
+and every null/NaN/inf value of an evaluate row is listed under "Left out" with the reason, and
+its cell stays in the missing-cell list. Tables are built from
 whatever datasets their runs used (one table per dataset for tables 1 and 3); the filters that
 remain are each table's definition (e.g. all labels, strong presets), named when it is skipped.
 Filter options that match no run, and unknown metrics, are errors (exit 2), never an empty report.
