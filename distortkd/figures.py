@@ -44,8 +44,12 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _lines(ax, df: pd.DataFrame, x: str, value: str, label: str = "variant") -> None:
-    """One line per ``label``: mean over seeds of ``value`` (a fraction, drawn in %) ± std band."""
+def _lines(ax, df: pd.DataFrame, x: str, value: str, label: str = "curve") -> None:
+    """One line per ``label``: mean over seeds of ``value`` (a fraction, drawn in %) ± std band.
+
+    The caller's labels must keep settings apart (the report's ``curve`` does): runs of one label
+    and ``x`` are averaged.
+    """
     seed = df["seed"].astype(str).where(df["seed"].notna(), df["path"])
     df = df.assign(_seed=seed)
     for name, group in df.groupby(label, sort=False):
@@ -61,11 +65,11 @@ def _lines(ax, df: pd.DataFrame, x: str, value: str, label: str = "variant") -> 
 def severity_figure(
     rows: pd.DataFrame, path: Path, metric: str = "acc1", title: Callable[[str], str] = str
 ) -> Path | None:
-    """Fig. 2: accuracy vs severity, one subplot per distortion, one line per model variant.
+    """Fig. 2: accuracy vs severity, one subplot per distortion, one line per ``curve``.
 
     Args:
         rows: evaluate rows with columns ``distortion``, ``severity``, ``metric`` (fraction in
-            ``[0, 1]``), ``variant`` (line label), ``seed`` and ``path``.
+            ``[0, 1]``), ``curve`` (line label, one setting), ``seed`` and ``path``.
         path: the PNG to write.
         metric: the accuracy column.
         title: maps a distortion name to its subplot title.
@@ -92,7 +96,8 @@ def labels_figure(
 
     Args:
         runs: finished fine-tuning runs with ``data.label_fraction``, ``distortion.name``,
-            ``value`` (fraction in ``[0, 1]``), ``variant``, ``seed`` and ``path``.
+            ``value`` (fraction in ``[0, 1]``), ``curve`` (line label, one setting
+            but the label fraction), ``seed`` and ``path``.
         path: the PNG to write.
         value: the accuracy column.
         title: maps a distortion name to its subplot title.

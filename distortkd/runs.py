@@ -9,7 +9,8 @@ through :mod:`distortkd.rundir`: the config falls back to the copy in ``metrics.
 ``failed`` / ``stopped`` (with ``error``), ``missing`` (no metrics.json: unfinished), and
 ``failed`` for a folder whose config cannot be read at all. Only ``ok`` runs give values.
 A metric stored as null, NaN or ±inf becomes NaN in the frame and is named in ``bad`` (key →
-``"null"``, ``"nan"``, ``"inf"``), so that a table can say why the run gave it no value.
+``"null"``, ``"nan"``, ``"inf"``), so that a table can say why the run gave it no value. So does
+a value of an evaluate row; the run's ``bad_rows`` lists those (distortion, severity, which value).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from distortkd.errors import UserError
 CONFIG_FIELDS = ("task", "experiment", "method", "seed", "model.name", "data.name",
                  "data.label_fraction", "distortion.name", "distortion.family", "loss.name",
                  "finetune.mode", "pretrain.distortion", "pretrain.data")
-# setting: rundir.setting as sorted JSON (runs with equal settings may pool); bad: see above.
-BASE_COLUMNS = (*CONFIG_FIELDS, "suite", "status", "error", "path", "setting", "bad")
+# setting: rundir.setting as sorted JSON (runs with equal settings may pool); bad, bad_rows: above.
+BASE_COLUMNS = (*CONFIG_FIELDS, "suite", "status", "error", "path", "setting", "bad", "bad_rows")
 ROW_METRICS = ("cos_cls", "cos_patch", "cka_cls", "attn_kl", "attn_iou")
 # Family of a preset whose config lacks distortion.family, by the name's first word.
 _PREFIX_FAMILY = {"mask": "mask", "noise": "gaussian_noise", "blur": "gaussian_blur",
@@ -89,11 +90,17 @@ def _numbers(metrics: dict) -> tuple[dict, dict]:
     return values, bad
 
 
-def _finite_rows(raw: object) -> list[dict]:
-    """Evaluate rows with every non-finite number made NaN: it must never reach a mean."""
-    rows = raw if isinstance(raw, list) else []
-    return [{k: math.nan if isinstance(v, float) and not math.isfinite(v) else v
-             for k, v in r.items()} for r in rows if isinstance(r, dict)]
+def _finite_rows(raw: object) -> tuple[list[dict], list[str]]:
+    """Evaluate rows with every null or non-finite number made NaN (it must never reach a mean),
+    and one line per such value: which row (distortion / severity) and which value."""
+    rows = [r for r in raw if isinstance(r, dict)] if isinstance(raw, list) else []
+    out, bad = [], []
+    for row in rows:
+        values, why = _numbers(row)
+        out.append({**row, **values})
+        where = f"evaluate row {row.get('distortion')} / {row.get('severity')}"
+        bad += [f"{where}: `{key}` is {shown}" for key, shown in why.items()]
+    return out, bad
 
 
 def _load_run(run: Path) -> tuple[dict, list[dict]]:
@@ -117,7 +124,8 @@ def _load_run(run: Path) -> tuple[dict, list[dict]]:
     values, bad = _numbers(metrics)
     rec["bad"] = bad or None
     rec.update({k: v for k, v in values.items() if k not in rec})
-    rows = _finite_rows(metrics.get("rows")) if status == "ok" else []
+    rows, bad_rows = _finite_rows(metrics.get("rows")) if status == "ok" else ([], [])
+    rec["bad_rows"] = bad_rows or None
     return rec, [{**rec, **r} for r in rows]
 
 

@@ -74,7 +74,7 @@ def _settings(df: pd.DataFrame) -> pd.Series:
     return df["setting"].where(df["setting"].notna(), df["path"])
 
 
-def _differing(settings: Iterable[str]) -> dict[str, list]:
+def differing(settings: Iterable[str]) -> dict[str, list]:
     """``{key: values}`` for the keys whose values differ among JSON settings (absent: "unset")."""
     flats = [json.loads(s) if s.startswith("{") else {"path": s} for s in settings]
     keys = sorted(set().union(*flats))
@@ -88,7 +88,7 @@ def _conflicts(ok: pd.DataFrame, keys: list[str], nrow: int) -> tuple[pd.DataFra
     counts = sets.groupby([ok[k] for k in keys], sort=False).transform("nunique")
     left = []
     for key, group in ok[counts.gt(1)].groupby(keys, sort=False):
-        diff = _differing(sets[group.index].unique())
+        diff = differing(sets[group.index].unique())
         k, vals = next(iter(diff.items()))
         shown = " vs ".join(dict.fromkeys(map(str, vals)))
         cell = f"{_label(key[:nrow])} × {_label(key[nrow:])}"
@@ -157,7 +157,8 @@ def _by_cell(df: pd.DataFrame, keys: list[str], nrow: int) -> dict:
 
 @dataclass
 class Table:
-    """A rendered table: display strings (row labels as index), missing cells and a footnote."""
+    """A rendered table: display strings (row labels as index), missing cells, a footnote, and
+    ``left_out``: ``(path, reason)`` of every run that gave it no value (the report lists them)."""
 
     name: str
     title: str
@@ -166,6 +167,7 @@ class Table:
     missing: list[str] = field(default_factory=list)
     footnote: str = ""
     pivot: Pivot | None = None
+    left_out: list = field(default_factory=list)
 
 
 def _label(key: object) -> str:
@@ -199,7 +201,7 @@ def make_table(name: str, title: str, piv: Pivot, row_header: str, what: str,
                 missing.append(f"{row_label(r)} × {col_label(c)} ({why})")
     cells.index = [row_label(r) for r in cells.index]
     cells.columns = [col_label(c) for c in cells.columns]
-    return Table(name, title, cells, row_header, missing, _footnote(piv, what), piv)
+    return Table(name, title, cells, row_header, missing, _footnote(piv, what), piv, list(piv.left_out))
 
 
 def _show(value: object) -> str:
@@ -234,7 +236,7 @@ def setting_labels(df: pd.DataFrame, cell: Sequence[str], by: Sequence[str]) -> 
     for _, group in sets.groupby([placed[k] for k in cell], sort=False):
         if group.nunique() > 1:
             owner = tuple(placed.loc[group.index[0], list(by)])
-            keys.setdefault(owner, set()).update(_differing(group.unique()))
+            keys.setdefault(owner, set()).update(differing(group.unique()))
     for owner, names in keys.items():
         mine = placed[np.logical_and.reduce([placed[k].eq(v) for k, v in zip(by, owner, strict=True)])]
         for index, text in sets[mine.index].items():

@@ -12,6 +12,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from distortkd import report
+from distortkd.paper import mce
+from distortkd.runs import load_rows, load_runs
+from distortkd.tables import pivot_table
 
 PNG = b"\x89PNG\r\n\x1a\n"
 PRESETS = ("mask_weak", "mask_strong", "noise_weak", "noise_strong", "blur_weak", "blur_strong")
@@ -35,6 +38,7 @@ def write_run(root, name, metrics, **fields):
         cfg["loss"] = {"name": fields["loss"]}
     if "params" in fields:
         cfg["distortion"]["params"] = fields["params"]
+    cfg.update(fields.get("extra", {}))  # other top-level settings (init, suite, ...)
     run = root / name
     run.mkdir(parents=True)
     OmegaConf.save(OmegaConf.create(cfg), run / "config.yaml")
@@ -97,7 +101,7 @@ def run_report(capsys, *args):
 
 def test_load_runs_flattens_config_defaults_and_status(grid):
     root, _ = grid
-    runs = report.load_runs([root])
+    runs = load_runs([root])
     assert len(runs) == 3 * 6 * 2 - 2
     assert runs["status"].value_counts().to_dict() == {"ok": 32, "failed": 1, "missing": 1}
     ours = runs[runs["method"].eq("ours")]
@@ -113,7 +117,7 @@ def test_hydra_subfolder_is_not_a_run(tmp_path):
     run = write_run(tmp_path, "r", {"test/acc1": 0.5})
     (run / ".hydra").mkdir()
     OmegaConf.save(OmegaConf.create({"task": "finetune"}), run / ".hydra" / "config.yaml")
-    assert report.load_runs([tmp_path])["path"].tolist() == [str(run.resolve())]
+    assert load_runs([tmp_path])["path"].tolist() == [str(run.resolve())]
 
 
 def test_table1_cells_are_means_and_stds_of_metrics(grid, tmp_path, capsys):
@@ -180,7 +184,7 @@ def test_pivot_table_keeps_order_counts_seeds_and_averages_reruns():
         "status": ["ok"] * 5 + ["failed"], "path": list("abcdef"), "seed": [0, 1, 0, 0, 0, 1],
         "r": ["y", "y", "y", "x", "x", "x"], "c": ["m"] * 6, "v": [0.2, 0.4, 0.4, 0.5, 0.7, np.nan],
     })
-    piv = report.pivot_table(df, "r", "c", "v", row_order=["y"])
+    piv = pivot_table(df, "r", "c", "v", row_order=["y"])
     assert piv.mean.index.tolist() == ["y", "x"]
     assert piv.mean.at["y", "m"] == pytest.approx(0.35)  # seed 0 run twice → (0.3 + 0.4) / 2
     assert piv.n.at["y", "m"] == 2 and piv.n.at["x", "m"] == 1
@@ -270,12 +274,13 @@ def _heldout(tmp_path):
                      "cos_cls": 0.5 + 0.1 * seed, "teacher_cos_cls": 0.2}
                     for i, c in enumerate(("fog", "snow")) for s in (1, 2, 3)]
             _eval_run(tmp_path, f"h/{method}/{seed}", method, "heldout", rows, seed)
-    return report.load_rows([tmp_path])
+    return load_rows([tmp_path])
 
 
 def test_mce_of_supervised_is_exactly_100(tmp_path):
     rows = _heldout(tmp_path)
-    ce = report.mce(rows)
+    ce, left = mce(rows)
+    assert left == []  # both methods have the same setting but method: a baseline each
     assert (ce["Supervised"] == 100.0).all()
     sup = rows[rows["method"].eq("supervised") & rows["distortion"].eq("fog")]
     ours = rows[rows["method"].eq("ours") & rows["distortion"].eq("fog")]
@@ -341,7 +346,7 @@ def test_broken_files_become_failed_runs(tmp_path, capsys):
     (tmp_path / "json" / "metrics.json").write_text("{not json")
     (tmp_path / "yaml").mkdir()
     (tmp_path / "yaml" / "config.yaml").write_text("task: [unclosed\n")
-    runs = report.load_runs([tmp_path]).set_index("path")
+    runs = load_runs([tmp_path]).set_index("path")
     assert runs["status"].to_dict() == {
         str((tmp_path / n).resolve()): s for n, s in [("json", "failed"), ("ok", "ok"), ("yaml", "failed")]
     }
