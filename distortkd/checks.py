@@ -120,6 +120,10 @@ def check_image_size(cfg: DictConfig) -> None:
     _require(_int(size) and size > 0, "data.image_size", size, "an integer > 0")
     _require(size == model_size, "data.image_size", size, f"model {cfg.model.name}'s input size {model_size}")
     kwargs = cfg.model.get("timm_kwargs") or {}
+    for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "in_chans"):
+        if key in kwargs:  # timm builds a depth-0 ViT without complaint; the taps then fail deep inside
+            _require(_int(kwargs[key]) and kwargs[key] > 0, f"model.timm_kwargs.{key}", kwargs[key],
+                     "an integer > 0")
     built = kwargs.get("img_size")
     _require(built is None or built == model_size, "model.timm_kwargs.img_size", built,
              f"model.img_size ({model_size})")

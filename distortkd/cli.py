@@ -15,6 +15,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -190,8 +191,8 @@ def _main(cfg: DictConfig, run) -> float:
             _write_metrics(run_dir, cfg, {"status": "stopped", "error": message})
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(_STOPPED[signame]) from None  # a sweep stops too: the whole command was stopped
-    except (UserError, NonFiniteLossError, IncompleteResults) as err:
-        message = _with_checkpoint(str(err), run_dir) if isinstance(err, NonFiniteLossError) else str(err)
+    except (UserError, NonFiniteLossError, IncompleteResults, InstantiationException) as err:
+        message = _with_checkpoint(str(err), run_dir) if isinstance(err, NonFiniteLossError) else _one_line(err)
         if owned:
             _record_failure(run_dir, cfg, message, message + "\n")
         _JOBS.append("failed")
@@ -207,6 +208,17 @@ def _main(cfg: DictConfig, run) -> float:
     finally:
         lock.release()
         _finish_wandb()
+
+
+def _one_line(err: Exception) -> str:
+    """The error's message; for an object a config node failed to build (``_target_``: the data
+    module, the trainer, a callback), the builder's own message, which names the bad value."""
+    if not isinstance(err, InstantiationException):
+        return str(err)
+    cause = err.__cause__ or err
+    target = str(err).split("'")[1] if str(err).count("'") >= 2 else "a config node"
+    text = " ".join(str(cause).split()) or type(cause).__name__
+    return text if isinstance(cause, UserError) else f"cannot build {target}: {text}"
 
 
 def _signal_of(stop: BaseException) -> str | None:

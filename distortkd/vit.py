@@ -169,11 +169,13 @@ def build_encoder(
         if not keep_head:
             timm_kwargs["num_classes"] = 0
         model = timm.create_model(name, pretrained=pretrained, **timm_kwargs)
-    except (TypeError, UserError):
+    except UserError:
         raise
     except Exception as err:  # hub/network/format failures arrive as many exception types
-        if not pretrained:
-            raise
+        if not pretrained or isinstance(err, TypeError):  # the architecture itself: a bad kwarg or value
+            shown = {k: v for k, v in timm_kwargs.items() if k != "num_classes"}
+            raise UserError(f"timm cannot build model {name!r} with timm_kwargs {shown} ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0][:160] if str(err) else 'no message'})") from None
         raise UserError(
             f"could not load pretrained weights for {name!r} ({type(err).__name__}: "
             f"{str(err).splitlines()[0][:160] if str(err) else 'no message'}); offline? "

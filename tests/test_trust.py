@@ -312,6 +312,7 @@ def test_a_cli_run_leaves_files_teammates_can_read(runs, monkeypatch, capsys):
         ("evaluate", ["suite=imagenet_c"], "suite='imagenet_c'"),
         ("distill", ["paths.root=/proc/distortkd"], "cannot write run folder /proc/distortkd"),
         ("distill", ["distortion=blur_weak", "distortion.params.kernel_size=4"], "kernel_size"),
+        ("distill", ["model.timm_kwargs.depth=0"], "model.timm_kwargs.depth=0"),
         ("distill", ["distortion.params.sigma=nan"], "sigma"),
         ("distill", ["+distortion.params.clip=maybe"], "clip"),
     ],
@@ -353,3 +354,20 @@ def test_a_batch_of_only_undecodable_images_is_skipped_not_fatal(runs, tmp_path,
     code, err = _cli("distill", args, monkeypatch, capsys)
     assert code == 0, err[-3000:]
     assert _json(_run_folder(runs) / "metrics.json")["status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["data.rrc_scale=[2,1]"], "rrc_scale"),
+        (["trainer.precision=17"], "cannot build lightning.pytorch.trainer.trainer.Trainer: Precision 17 is invalid"),
+        (["trainer.devices=0"], "devices=0"),
+        (["+model.timm_kwargs.foo=1"], "timm cannot build model 'vit_tiny_patch16_224'"),
+    ],
+)
+def test_objects_a_config_node_cannot_build_are_one_line(args, needle, runs, monkeypatch, capsys):
+    """The data module, the trainer and the model reject a value with their own message: it
+    reaches the user as one line, not as Hydra's wrapped stack trace."""
+    code, err = _cli("distill", [*TINY, *args], monkeypatch, capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("error: ") and needle in last and "Traceback" not in err, err[-2000:]
