@@ -84,6 +84,11 @@ def build_loss(cfg: DictConfig):
     return partial(LOSSES[cfg.fn], **params), contrastive, not contrastive and params.get("gamma", 0) != 0
 
 
+def schedule(cfg: DictConfig) -> dict:
+    """The ``optim`` node's scheduler options (``optim=ci`` steps its cosine per epoch)."""
+    return {"schedule_interval": cfg.get("schedule_interval", "step"), "cosine_period": cfg.get("cosine_period", "run")}
+
+
 def resolve_init(cfg: DictConfig) -> str | None:
     """The student checkpoint a fine-tune starts from: explicit path, ``auto``, or None (pretrained)."""
     if cfg.init in (None, "pretrained"):
@@ -130,6 +135,7 @@ def run_distill(cfg: DictConfig, run_dir: Path) -> dict:
         student, teacher, build_distortion(cfg.distortion), loss_fn,
         optimizer=instantiate(cfg.optim.optimizer), warmup=cfg.optim.warmup,
         eval_seed=cfg.seed, with_attn=with_attn, contrastive=contrastive, compile=cfg.model.compile,
+        **schedule(cfg.optim),
     )
     trainer = make_trainer(cfg, run_dir, monitor="val/loss", mode="min")
     return _fit(trainer, module, datamodule, cfg, run_dir)
@@ -147,7 +153,7 @@ def run_finetune(cfg: DictConfig, run_dir: Path) -> dict:
         encoder, datamodule.num_classes, build_distortion(cfg.distortion),
         optimizer=instantiate(cfg.optim.optimizer), mode=cfg.finetune.mode,
         warmup=cfg.optim.warmup, eval_seed=cfg.seed,
-        knn_k=cfg.finetune.knn_k, knn_temperature=cfg.finetune.knn_temperature,
+        knn_k=cfg.finetune.knn_k, knn_temperature=cfg.finetune.knn_temperature, **schedule(cfg.optim),
     )
     trainer = make_trainer(cfg, run_dir, monitor="val/acc1", mode="max")
     if cfg.finetune.mode == "knn":  # nothing to train: score the frozen features on the test split
