@@ -96,14 +96,27 @@ class _Base(L.LightningModule):
             extra["fused"] = True  # one kernel for the whole Adam(W) update
         wd = getattr(self.optimizer_factory, "keywords", {}).get("weight_decay", 0.0)
         opt = self.optimizer_factory(param_groups(self, wd), **extra)
-        total = int(self.trainer.estimated_stepping_batches)  # sets up the train loader first
-        per_epoch = max(1, math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches))
+        total = int(self.trainer.estimated_stepping_batches)
+        by_epoch = self.schedule_interval == "epoch" or self.cosine_period == "steps_per_epoch"
+        per_epoch = self._steps_per_epoch() if by_epoch else None
         if self.schedule_interval == "epoch":
             total = math.ceil(total / per_epoch)
         warm = int(self.warmup * total) if self.warmup < 1 else int(self.warmup)
         length = per_epoch if self.cosine_period == "steps_per_epoch" else total
         sched = warmup_cosine(opt, length, warm, self.min_lr_ratio)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": self.schedule_interval}}
+
+    def _steps_per_epoch(self) -> int:
+        """Optimizer steps in one epoch of this process (its train loader's batches)."""
+        if self.trainer.train_dataloader is None:  # Lightning skips it when max_epochs=-1
+            self.trainer.fit_loop.setup_data()
+        batches = self.trainer.num_training_batches
+        if not math.isfinite(batches):
+            raise UserError(
+                f"optim.schedule_interval={self.schedule_interval} with optim.cosine_period={self.cosine_period} "
+                "needs a training set of known length; accepted: a sized dataset, or schedule_interval=step "
+                "with cosine_period=run")
+        return max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
 
     def seeds(self, batch: dict) -> Tensor:
         return sample_seeds(batch["index"], self.eval_seed)

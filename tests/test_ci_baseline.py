@@ -85,9 +85,9 @@ class _Tiny(_Base):
         return DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=2)  # 4 steps per epoch
 
 
-def _lrs(epochs: int, **schedule) -> list[tuple[int, float]]:
+def _lrs(epochs: int, max_steps: int = -1, **schedule) -> list[tuple[int, float]]:
     module = _Tiny(**schedule)
-    L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+    L.Trainer(max_epochs=epochs, max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
               enable_progress_bar=False, enable_model_summary=False).fit(module)
     return module.lrs
 
@@ -103,6 +103,12 @@ def test_epoch_schedule_changes_lr_only_at_epoch_boundaries(period, length):
         assert seen.pop() == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * epoch / length)))
     per_step = _lrs(2, schedule_interval="step")
     assert len({lr for e, lr in per_step if e == 0}) == 4  # the default still steps every batch
+
+
+def test_epoch_schedule_when_only_max_steps_bounds_the_run():
+    # max_epochs=-1: Lightning does not load the train data to count steps; the epoch length still counts
+    lrs = _lrs(-1, max_steps=8, schedule_interval="epoch", cosine_period="run")
+    assert [lr for _, lr in lrs] == pytest.approx([0.1] * 4 + [0.05] * 4)  # 2 epochs: cos(0), cos(pi/2)
 
 
 # -- negatives across DDP processes -------------------------------------------------------------
