@@ -14,7 +14,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
-from torch.distributed.nn.functional import all_gather as all_gather_with_grad
 
 from distortkd.errors import unknown
 from distortkd.vit import Features
@@ -138,6 +137,9 @@ def gather_across_ranks(x: Tensor) -> Tensor:
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return x
+    # Imported here: only builds with torch.distributed have it.
+    from torch.distributed.nn.functional import all_gather as all_gather_with_grad
+
     sizes = [torch.zeros((), dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, torch.tensor(len(x), device=x.device))
     sizes = [int(n) for n in sizes]
