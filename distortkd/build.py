@@ -62,6 +62,11 @@ def build_loss(cfg: DictConfig):
     return partial(LOSSES[cfg.fn], **params), contrastive, not contrastive and params.get("gamma", 0) != 0
 
 
+def schedule(cfg: DictConfig) -> dict:
+    """The ``optim`` node's scheduler options (``optim=ci`` steps its cosine per epoch)."""
+    return {"schedule_interval": cfg.get("schedule_interval", "step"), "cosine_period": cfg.get("cosine_period", "run")}
+
+
 def resolve_init(cfg: DictConfig) -> str | None:
     """The student checkpoint a fine-tune starts from: explicit path, ``auto``, or None (pretrained)."""
     if cfg.init in (None, "pretrained"):

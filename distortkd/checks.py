@@ -15,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from distortkd import distortions
 from distortkd.errors import UserError, unknown
-from distortkd.losses import LOSSES
+from distortkd.losses import CONTRASTIVE_VARIANTS, LOSSES
+from distortkd.modules import check_schedule
 
 METHODS = ("ours", "supervised", "ci")
 FINETUNE_MODES = ("full", "linear", "knn")
@@ -78,6 +79,7 @@ def check_optim(cfg: DictConfig) -> None:
     _non_negative(cfg, "optim.warmup")
     wd = OmegaConf.select(cfg, "optim.optimizer.weight_decay")
     _require(wd is None or (_number(wd) and wd >= 0), "optim.optimizer.weight_decay", wd, "a number >= 0")
+    check_schedule(cfg.optim.get("schedule_interval", "step"), cfg.optim.get("cosine_period", "run"))
 
 
 def check_loss(cfg: DictConfig) -> None:
@@ -93,6 +95,9 @@ def check_loss(cfg: DictConfig) -> None:
                         "least one weight > 0")
     if "tau" in params:
         _positive(cfg, "loss.params.tau")
+    variant = params.get("variant", CONTRASTIVE_VARIANTS[0])
+    if variant not in CONTRASTIVE_VARIANTS:
+        raise unknown("contrastive loss variant (loss.params.variant)", variant, CONTRASTIVE_VARIANTS)
 
 
 def check_finetune(cfg: DictConfig) -> None:

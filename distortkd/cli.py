@@ -23,7 +23,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from distortkd import rundir
-from distortkd.build import build_distortion, build_loss, build_model, provenance
+from distortkd.build import build_distortion, build_loss, build_model, provenance, schedule
 from distortkd.checkpoints import load_checkpoint
 from distortkd.checks import check_config
 from distortkd.errors import UserError
@@ -51,6 +51,7 @@ def run_distill(cfg: DictConfig, run_dir: Path) -> dict:
         student, teacher, build_distortion(cfg.distortion), loss_fn,
         optimizer=instantiate(cfg.optim.optimizer), warmup=cfg.optim.warmup,
         eval_seed=cfg.seed, with_attn=with_attn, contrastive=contrastive, compile=cfg.model.compile,
+        **schedule(cfg.optim),
     )
     trainer = make_trainer(cfg, run_dir, monitor="val/loss", mode="min")
     return _fit(trainer, module, datamodule, cfg, run_dir)
@@ -68,7 +69,7 @@ def run_finetune(cfg: DictConfig, run_dir: Path) -> dict:
         encoder, datamodule.num_classes, build_distortion(cfg.distortion),
         optimizer=instantiate(cfg.optim.optimizer), mode=cfg.finetune.mode,
         warmup=cfg.optim.warmup, eval_seed=cfg.seed,
-        knn_k=cfg.finetune.knn_k, knn_temperature=cfg.finetune.knn_temperature,
+        knn_k=cfg.finetune.knn_k, knn_temperature=cfg.finetune.knn_temperature, **schedule(cfg.optim),
     )
     trainer = make_trainer(cfg, run_dir, monitor="val/acc1", mode="max")
     if cfg.finetune.mode == "knn":  # nothing to train: score the frozen features on the test split

@@ -7,10 +7,15 @@ through what the caller passes; the teacher's tensors are expected to be detache
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from distortkd.errors import unknown
 from distortkd.vit import Features
 
 
@@ -67,17 +72,85 @@ def multilevel_loss(
     return {"loss": total, **terms}
 
 
-def contrastive_inversion_loss(student: Tensor, teacher: Tensor, tau: float = 0.1) -> dict[str, Tensor]:
-    """One-way InfoNCE from student to teacher (Contrastive Inversion, Ravula et al. 2021).
+CONTRASTIVE_VARIANTS = ("one_way", "symmetric")
 
-    Both embeddings ``[B, D]`` are L2-normalised; for student i the positive is teacher i and the
-    other teachers in the batch are the negatives. Returns ``{"loss", "loss/nce"}``.
+
+def contrastive_inversion_loss(
+    student: Tensor,
+    teacher: Tensor,
+    tau: float = 0.1,
+    variant: str = "one_way",
+    gather: Callable[[Tensor], Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """InfoNCE between student and teacher embeddings (Contrastive Inversion, Ravula et al. 2021).
+
+    Both embeddings ``[B, D]`` are L2-normalised and compared by cosine / τ. Variants:
+
+    - ``one_way``: for student i the positive is teacher i, the negatives the other teachers;
+      mean over the B students.
+    - ``symmetric``: SimCLR's NT-Xent over the 2B embeddings (students and teachers together):
+      each one is an anchor whose positive is its pair, and its denominator holds every other
+      embedding (2B − 1 terms: the positive, the other B − 1 of its own side and the B − 1 of
+      the other side; never itself); mean over the 2B anchors, so the pair counts both ways.
+      This is ``loss_type: simclr`` of the CI code (``NoisyCLIP.criterion`` in
+      github.com/Sriram-Ravula/Contrastive-Inversion, ``noisy_clip_dataparallel.py``), the loss of
+      its released config ``config/NoisyRN101/sample.yaml``.
+
+    Args:
+        student, teacher: ``[B, D]`` embeddings; the teacher's detached.
+        tau: temperature (> 0).
+        variant: ``one_way`` or ``symmetric``.
+        gather: maps a local ``[B, D]`` to the whole batch over processes ``[N·B, D]`` (e.g.
+            ``gather_across_ranks``), so that other processes' samples are negatives too.
+
+    Returns ``{"loss", "loss/nce"}``.
+
+    Raises:
+        UserError: unknown ``variant`` (names the accepted ones).
     """
+    if variant not in CONTRASTIVE_VARIANTS:
+        raise unknown("contrastive loss variant (loss.params.variant)", variant, CONTRASTIVE_VARIANTS)
+    if gather is not None:
+        student, teacher = gather(student), gather(teacher)
     s = F.normalize(student.float(), dim=-1)
     t = F.normalize(teacher.float(), dim=-1)
-    logits = s @ t.T / tau
-    nce = F.cross_entropy(logits, torch.arange(len(s), device=s.device))
+    idx = torch.arange(len(s), device=s.device)
+    if variant == "one_way":
+        logits, targets = s @ t.T / tau, idx
+    else:
+        z = torch.cat([s, t])
+        self_pairs = torch.eye(len(z), dtype=torch.bool, device=z.device)
+        logits = (z @ z.T / tau).masked_fill(self_pairs, float("-inf"))  # an anchor is not its own negative
+        targets = torch.cat([idx + len(s), idx])
+    nce = F.cross_entropy(logits, targets)
     return {"loss": nce, "loss/nce": nce}
 
 
-LOSSES = {"multilevel": multilevel_loss, "contrastive": contrastive_inversion_loss}
+def gather_across_ranks(x: Tensor) -> Tensor:
+    """``x [B, D]`` of every DDP process, concatenated in rank order; ``x`` itself in one process.
+
+    Differentiable (``torch.distributed.nn``'s all_gather): the backward pass sends each process
+    the sum, over processes, of the gradients for its own rows. Every process computes the same
+    loss over the whole batch, so that sum is N times one process's gradient and DDP's average
+    over the N processes gives exactly the gradient of one process with the whole batch.
+    Processes may hold batches of different sizes (padded for the collective, then trimmed).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return x
+    # Imported here: only builds with torch.distributed have it.
+    from torch.distributed.nn.functional import all_gather as all_gather_with_grad
+
+    sizes = [torch.zeros((), dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor(len(x), device=x.device))
+    sizes = [int(n) for n in sizes]
+    padded = F.pad(x, (0, 0, 0, max(sizes) - len(x)))
+    parts = all_gather_with_grad(padded.contiguous())
+    return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)])
+
+
+# Training uses the whole batch over DDP processes as negatives (the CI code's DataParallel
+# gathered every GPU's embeddings before its loss, too); in one process gather is the identity.
+LOSSES = {
+    "multilevel": multilevel_loss,
+    "contrastive": partial(contrastive_inversion_loss, gather=gather_across_ranks),
+}

@@ -21,7 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from distortkd.checkpoints import load_checkpoint
 from distortkd.diagnostics import RepresentationMeter
 from distortkd.distortions import Distortion, sample_seeds
-from distortkd.errors import UserError
+from distortkd.errors import UserError, unknown
 from distortkd.losses import attention_kl
 from distortkd.steps import distill_loss, supervised_loss
 from distortkd.vit import Encoder, FrozenTeacher
@@ -43,8 +43,16 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+SCHEDULE_INTERVALS = ("step", "epoch")  # when the scheduler steps: every optimizer step, or every epoch
+COSINE_PERIODS = ("run", "steps_per_epoch")  # the cosine's length, in scheduler steps (see _Base)
+
+
 def warmup_cosine(optimizer, total_steps: int, warmup_steps: int, min_ratio: float = 0.0):
-    """Linear warm-up from 0, then cosine to ``min_ratio`` × peak, stepped every optimizer step."""
+    """Linear warm-up from 0, then cosine to ``min_ratio`` × peak over ``total_steps``.
+
+    Counted in scheduler steps (optimizer steps or epochs, as the scheduler is stepped); past
+    ``total_steps`` the factor stays at ``min_ratio``.
+    """
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -55,26 +63,61 @@ def warmup_cosine(optimizer, total_steps: int, warmup_steps: int, min_ratio: flo
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-class _Base(L.LightningModule):
-    """Optimiser/scheduler wiring and the finite-loss guard shared by both modules."""
+def check_schedule(interval: str, cosine_period: str) -> None:
+    """Raises UserError for an unknown ``optim.schedule_interval`` or ``optim.cosine_period``."""
+    if interval not in SCHEDULE_INTERVALS:
+        raise unknown("optim.schedule_interval", interval, SCHEDULE_INTERVALS)
+    if cosine_period not in COSINE_PERIODS:
+        raise unknown("optim.cosine_period", cosine_period, COSINE_PERIODS)
 
-    def __init__(self, optimizer: Callable, warmup: float, eval_seed: int, min_lr_ratio: float = 0.0):
+
+class _Base(L.LightningModule):
+    """Optimiser/scheduler wiring and the finite-loss guard shared by both modules.
+
+    The schedule (``warmup_cosine``) steps every optimizer step (``schedule_interval="step"``) or
+    once per epoch (``"epoch"``). ``cosine_period="run"`` spreads the cosine over the whole run;
+    ``"steps_per_epoch"`` makes its length the number of optimizer steps in one epoch, counted in
+    scheduler steps: Contrastive Inversion's ``CosineAnnealingLR(T_max=126689 // (batch_size *
+    gpus))`` stepped once per epoch (see ``conf/optim/ci.yaml``).
+    """
+
+    def __init__(self, optimizer: Callable, warmup: float, eval_seed: int, min_lr_ratio: float = 0.0,
+                 schedule_interval: str = "step", cosine_period: str = "run"):
         super().__init__()
+        check_schedule(schedule_interval, cosine_period)
         self.optimizer_factory = optimizer
         self.warmup = warmup
         self.eval_seed = eval_seed
         self.min_lr_ratio = min_lr_ratio
+        self.schedule_interval, self.cosine_period = schedule_interval, cosine_period
 
     def configure_optimizers(self):
         extra = {}
         if self.device.type == "cuda" and "fused" not in getattr(self.optimizer_factory, "keywords", {}):
-            extra["fused"] = True  # one kernel for the whole AdamW update
+            extra["fused"] = True  # one kernel for the whole Adam(W) update
         wd = getattr(self.optimizer_factory, "keywords", {}).get("weight_decay", 0.0)
         opt = self.optimizer_factory(param_groups(self, wd), **extra)
         total = int(self.trainer.estimated_stepping_batches)
+        by_epoch = self.schedule_interval == "epoch" or self.cosine_period == "steps_per_epoch"
+        per_epoch = self._steps_per_epoch() if by_epoch else None
+        if self.schedule_interval == "epoch":
+            total = math.ceil(total / per_epoch)
         warm = int(self.warmup * total) if self.warmup < 1 else int(self.warmup)
-        sched = warmup_cosine(opt, total, warm, self.min_lr_ratio)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        length = per_epoch if self.cosine_period == "steps_per_epoch" else total
+        sched = warmup_cosine(opt, length, warm, self.min_lr_ratio)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": self.schedule_interval}}
+
+    def _steps_per_epoch(self) -> int:
+        """Optimizer steps in one epoch of this process (its train loader's batches)."""
+        if self.trainer.train_dataloader is None:  # Lightning skips it when max_epochs=-1
+            self.trainer.fit_loop.setup_data()
+        batches = self.trainer.num_training_batches
+        if not math.isfinite(batches):
+            raise UserError(
+                f"optim.schedule_interval={self.schedule_interval} with optim.cosine_period={self.cosine_period} "
+                "needs a training set of known length; accepted: a sized dataset, or schedule_interval=step "
+                "with cosine_period=run")
+        return max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
 
     @staticmethod
     def empty(batch: dict) -> bool:
@@ -129,8 +172,11 @@ class DistillModule(_Base):
         with_attn: bool = True,
         contrastive: bool = False,
         compile: bool = False,
+        schedule_interval: str = "step",
+        cosine_period: str = "run",
     ):
-        super().__init__(optimizer, warmup, eval_seed)
+        super().__init__(optimizer, warmup, eval_seed, schedule_interval=schedule_interval,
+                         cosine_period=cosine_period)
         self.student = student
         self.teacher = FrozenTeacher(teacher)
         self.distortion, self.loss_fn = distortion, loss_fn
@@ -209,8 +255,11 @@ class FinetuneModule(_Base):
         eval_seed: int = 0,
         knn_k: int = 20,
         knn_temperature: float = 0.07,
+        schedule_interval: str = "step",
+        cosine_period: str = "run",
     ):
-        super().__init__(optimizer, warmup, eval_seed)
+        super().__init__(optimizer, warmup, eval_seed, schedule_interval=schedule_interval,
+                         cosine_period=cosine_period)
         if mode not in ("full", "linear", "knn"):
             raise UserError(f"unknown finetune mode {mode!r}; accepted: full, knn, linear")
         self.encoder, self.mode, self.distortion = encoder, mode, distortion

@@ -1,8 +1,11 @@
 """Losses: zero on identical inputs, positive otherwise, gradients, decrease under SGD."""
 
+import math
+
 import pytest
 import torch
 
+from distortkd.errors import UserError
 from distortkd.losses import (
     attention_kl,
     cls_mse,
@@ -99,3 +102,67 @@ def test_each_loss_decreases_under_sgd(tiny_vit, term):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def _cos(a, b):
+    return float(a @ b) / (float(a.norm()) * float(b.norm()))
+
+
+def _hand_one_way(s, t, tau):
+    """-1/N Σ_i log(exp(cos(s_i, t_i)/τ) / Σ_j exp(cos(s_i, t_j)/τ)), written out with loops."""
+    n, total = len(s), 0.0
+    for i in range(n):
+        denom = sum(math.exp(_cos(s[i], t[j]) / tau) for j in range(n))
+        total -= math.log(math.exp(_cos(s[i], t[i]) / tau) / denom)
+    return total / n
+
+
+def _hand_symmetric(s, t, tau):
+    """NT-Xent over the 2N embeddings z = (s_0..s_{N-1}, t_0..t_{N-1}): anchor i's positive is its
+    pair, its denominator every z_k with k != i; mean over the 2N anchors. Written out with loops."""
+    z, n = [*s, *t], len(s)
+    total = 0.0
+    for i in range(2 * n):
+        pair = i + n if i < n else i - n
+        denom = sum(math.exp(_cos(z[i], z[k]) / tau) for k in range(2 * n) if k != i)
+        total -= math.log(math.exp(_cos(z[i], z[pair]) / tau) / denom)
+    return total / (2 * n)
+
+
+@pytest.mark.parametrize("variant,hand", [("one_way", _hand_one_way), ("symmetric", _hand_symmetric)])
+def test_contrastive_variants_match_hand_written_formula(variant, hand):
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randn(5, 4, generator=g, dtype=torch.float64)
+    for tau in (0.1, 0.5):
+        got = contrastive_inversion_loss(s, t, tau, variant=variant)
+        assert got["loss"].item() == pytest.approx(hand(s, t, tau), rel=1e-5)
+        assert got["loss/nce"].item() == got["loss"].item()
+
+
+def test_symmetric_differs_from_one_way_and_unknown_variant_names_accepted():
+    s, t = torch.randn(6, 5), torch.randn(6, 5)
+    one, sym = (contrastive_inversion_loss(s, t, 0.1, variant=v)["loss"] for v in ("one_way", "symmetric"))
+    assert abs(one.item() - sym.item()) > 1e-3
+    with pytest.raises(UserError) as err:
+        contrastive_inversion_loss(s, t, 0.1, variant="both_ways")
+    msg = str(err.value)
+    assert "'both_ways'" in msg and "accepted: one_way, symmetric" in msg and "\n" not in msg
+
+
+def test_symmetric_decreases_under_sgd(tiny_vit):
+    import copy
+
+    teacher = FrozenTeacher(copy.deepcopy(tiny_vit))
+    torch.manual_seed(1)
+    for p in tiny_vit.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    x = torch.rand(8, 3, 32, 32)
+    opt = torch.optim.SGD(tiny_vit.parameters(), lr=0.05)
+    losses = []
+    for _ in range(20):
+        loss = contrastive_inversion_loss(tiny_vit(x * 0.5), teacher(x), variant="symmetric")["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] * 0.9
