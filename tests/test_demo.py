@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,3 +48,40 @@ def test_fast_demo_report_matches_run_folders(tmp_path):
     assert float(row.group(1)) == pytest.approx(m["val/cos_clean_baseline"], abs=5e-4)
     assert float(row.group(2)) == pytest.approx(m["val/cos_clean"], abs=5e-4)
     assert "k-NN accuracy" in report and "mixed_demo" in report
+
+
+def knn_bank(augment: bool, torch_seed: int):
+    """The k-NN feature bank of a tiny random ViT over 200 Fashion-MNIST train images."""
+    import lightning as L
+
+    from distortkd import distortions
+    from distortkd.data import ImageDataModule
+    from distortkd.modules import FinetuneModule
+    from distortkd.vit import build_encoder
+
+    torch.manual_seed(0)
+    encoder = build_encoder("vit_tiny_patch16_224", pretrained=False, in_chans=1, img_size=28,
+                            patch_size=7, embed_dim=32, depth=2, num_heads=2)
+    dm = ImageDataModule("fashion_mnist", image_size=28, in_chans=1, batch_size=64,
+                         eval_batch_size=50, num_workers=0, pin_memory=False, limit_train=200,
+                         limit_eval=20, augment=augment, rrc_scale=(0.3, 1.0))
+    module = FinetuneModule(encoder, 10, distortions.build("noise_strong"), optimizer=None,
+                            mode="knn")
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    torch.manual_seed(torch_seed)  # the bank must not depend on the global random state
+    trainer.test(module, datamodule=dm, verbose=False)
+    return module._bank, dm.dataset("train").index
+
+
+def test_knn_bank_is_deterministic_and_independent_of_augment():
+    (feats, labels), index = knn_bank(augment=True, torch_seed=1)
+    (again, again_labels), _ = knn_bank(augment=True, torch_seed=2)
+    (plain, plain_labels), _ = knn_bank(augment=False, torch_seed=3)
+    assert feats.shape == (200, 32) and len(index) == 200
+    assert torch.equal(feats, again) and torch.equal(labels, again_labels)
+    assert torch.equal(feats, plain) and torch.equal(labels, plain_labels)
+    from distortkd.data import read_idx
+
+    train_labels = read_idx(Path("/usr/share/datasets/fashion-mnist/train-labels-idx1-ubyte.gz"))
+    assert labels.tolist() == train_labels[index.numpy()].tolist()  # every train row, in order
