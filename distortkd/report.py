@@ -211,9 +211,7 @@ def diagnostics(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
 
 def demo(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
     """Demo: (distortion, label fraction) × method, and Δ = Ours − Supervised (of the means)."""
-    sel = _main_loss(_finetune(runs, opts, None))
-    sel = sel[sel["finetune.mode"].fillna("full").eq("full") & sel["distortion.family"].ne("identity")]
-    sel, what = with_value(sel[sel["method"].isin(["supervised", "ours"])], opts.metric)
+    sel, what = with_value(_demo_finetunes(runs, opts), opts.metric)
     tables = make_tables("demo", "Demo: accuracy by distortion and label fraction (%)", sel,
                          ["distortion.name", "data.label_fraction"], "method",
                          "Distortion / labels", what, orders=(None, ["supervised", "ours"]),
@@ -224,6 +222,76 @@ def demo(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
             delta = (t.pivot.mean["ours"] - t.pivot.mean["supervised"]).to_numpy() * 100
             t.cells["Δ Ours − Sup."] = [MISSING if np.isnan(d) else f"{d:+.1f}" for d in delta]
     return tables
+
+
+CURVE_STEPS = (20, 40, 100, 200, 400, 700, 1000)  # steps shown in the table (40: the old budget)
+
+
+def _demo_finetunes(runs: pd.DataFrame, opts) -> pd.DataFrame:
+    """The demo table's runs: full fine-tunes of Supervised and Ours on a distortion."""
+    sel = _main_loss(_finetune(runs, opts, None))
+    sel = sel[sel["finetune.mode"].fillna("full").eq("full") & sel["distortion.family"].ne("identity")]
+    return sel[sel["method"].isin(["supervised", "ours"])]
+
+
+def _curve(run: str) -> pd.DataFrame:
+    """``steps`` (optimizer steps done) and ``val`` (val/acc1) of one run's ``csv/metrics.csv``."""
+    csv = Path(run) / "csv" / "metrics.csv"
+    if not csv.is_file():
+        return pd.DataFrame(columns=["steps", "val"])
+    log = pd.read_csv(csv)
+    log = log[log["val/acc1"].notna()] if "val/acc1" in log else log.iloc[:0]
+    # Lightning logs a validation after optimizer step n at step n - 1.
+    return pd.DataFrame({"steps": log["step"].astype(int) + 1, "val": log["val/acc1"].astype(float)})
+
+
+def finetune_curves(runs: pd.DataFrame, opts) -> pd.DataFrame:
+    """Validation accuracy vs fine-tune steps of the demo's fine-tunes, one row per logged check:
+    the run's fields plus ``steps``, ``val``, ``selected`` (the best check, which ``best.ckpt``
+    holds: the first maximum) and ``value`` (the run's test accuracy, of that checkpoint)."""
+    sel, _ = with_value(_demo_finetunes(runs[runs["status"].eq("ok")], opts), opts.metric)
+    records = []
+    for run in sel.to_dict("records"):
+        curve = _curve(run["path"])
+        best = curve["val"].to_numpy().argmax() if len(curve) else -1
+        records += [{**run, "steps": int(c.steps), "val": float(c.val), "selected": i == best}
+                    for i, c in enumerate(curve.itertuples(index=False))]
+    return pd.DataFrame(records)
+
+
+def _mean_std(values: pd.Series, digits: int = 1, scale: float = 100.0) -> str:
+    v = values.dropna().to_numpy(dtype=float) * scale
+    if not len(v):
+        return MISSING
+    return f"{v.mean():.{digits}f}" + (f" ± {v.std(ddof=1):.{digits}f}" if len(v) > 1 else "")
+
+
+def steps(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
+    """Demo: val accuracy after N fine-tune steps, the step each run stopped at and the one its
+    selected (best-val) checkpoint is from, and that checkpoint's test accuracy; mean ± std over
+    seeds. A run that stopped early has no value at later steps (—)."""
+    curves = finetune_curves(runs, opts)
+    if curves.empty:
+        return []
+    last = curves["steps"].max()
+    shown = [s for s in CURVE_STEPS if s <= last]
+    cells = {}
+    keys = ["distortion.name", "data.label_fraction", "method"]
+    curves = curves.assign(rank=curves["method"].map({m: i for i, m in enumerate(METHODS)}))
+    for (name, frac, method), part in curves.sort_values([*keys[:2], "rank"], kind="stable").groupby(
+            keys, sort=False):
+        at = {f"val @ {s}": _mean_std(part.loc[part["steps"].eq(s), "val"]) for s in shown}
+        per_run = part.groupby("path")
+        at["stopped at"] = _mean_std(per_run["steps"].max(), 0, 1.0)
+        at["selected step"] = _mean_std(part.loc[part["selected"], "steps"], 0, 1.0)
+        at["val (selected)"] = _mean_std(part.loc[part["selected"], "val"])
+        at["test (selected)"] = _mean_std(per_run["value"].first())
+        cells[f"{name} / {frac * 100:g}% / {_method(method)}"] = at
+    table = pd.DataFrame.from_dict(cells, orient="index")
+    note = ("val/acc1 (%) on the val split carved from train (data.val_fraction); test (selected): "
+            "test accuracy of the best-val checkpoint; mean ± std over seeds; steps of 128 images.")
+    return [Table("steps", "Accuracy vs fine-tune steps", table, "Distortion / labels / method",
+                  footnote=note)]
 
 
 def representation(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
@@ -286,20 +354,27 @@ def knn(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
 
 TABLES = {"table1": table1, "table2": table2, "table3": table3, "heldout": heldout,
           "diagnostics": diagnostics, "demo": demo, "representation": representation,
-          "mixed": mixed, "knn": knn, "robustness": robustness}
-FIGURES = ("severity", "labels", "attention")
-LAYOUTS = {"paper": ("table1", "table2", "table3", "heldout", "diagnostics", *FIGURES),
-           "demo": ("demo", "representation", "robustness", "diagnostics", "knn", "mixed", "heldout",
-                    *FIGURES)}
+          "mixed": mixed, "knn": knn, "robustness": robustness, "steps": steps}
+FIGURES = ("severity", "labels", "attention", "steps_figure")
+LAYOUTS = {"paper": ("table1", "table2", "table3", "heldout", "diagnostics", *FIGURES[:3]),
+           "demo": ("demo", "steps", "representation", "robustness", "diagnostics", "knn", "mixed",
+                    "heldout", *FIGURES)}
 ALIASES = {"fig2": "severity", "fig3": "labels", "fig4": "attention"}
 
 
 def make_figure(name: str, runs: pd.DataFrame, rows: pd.DataFrame, opts, out: Path) -> list[Path]:
-    """Draws ``severity.png`` (Fig. 2), ``labels.png`` (Fig. 3) or ``attention*.png`` (Fig. 4)."""
+    """Draws ``severity.png`` (Fig. 2), ``labels.png`` (Fig. 3), ``attention*.png`` (Fig. 4) or
+    the demo's ``steps.png`` (accuracy vs fine-tune steps)."""
     if name == "severity":
         sel = _ranked(with_variant(_scope(rows[rows["suite"].eq("paper")], opts)), "distortion",
                       FAMILIES)
         return [p for p in [figures.severity_figure(sel, out / "severity.png", title=_family)] if p]
+    if name == "steps_figure":
+        curves = finetune_curves(runs, opts)
+        if curves.empty:
+            return []
+        curves = with_variant(curves.assign(**{"finetune.mode": "full"}), ("distortion.name",))
+        return [p for p in [figures.steps_figure(curves, out / "steps.png")] if p]
     sel = _scope(runs[runs["status"].eq("ok")], opts)
     if name == "labels":
         sel = _main_loss(with_value(sel[sel["task"].eq("finetune")], opts.metric)[0])

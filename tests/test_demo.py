@@ -22,7 +22,7 @@ def test_fast_demo_report_matches_run_folders(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "experiments/demo/run.sh")], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for name in ("results.md", "severity.png", "labels.png", "attention.png"):
+    for name in ("results.md", "severity.png", "labels.png", "attention.png", "steps.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     report = (out / "results.md").read_text()
 
@@ -48,6 +48,26 @@ def test_fast_demo_report_matches_run_folders(tmp_path):
     assert float(row.group(1)) == pytest.approx(m["val/cos_clean_baseline"], abs=5e-4)
     assert float(row.group(2)) == pytest.approx(m["val/cos_clean"], abs=5e-4)
     assert "k-NN accuracy" in report and "mixed_demo" in report
+
+    # model selection on the val split carved from train; the steps table is the run's own log
+    for method in ("supervised", "ours"):
+        (run,) = (runs / "demo" / "finetune").glob(f"*_{method}_noise_strong_*_full_s0")
+        cfg, m = (run / "config.yaml").read_text(), json.loads((run / "metrics.json").read_text())
+        assert "val_fraction: 0.05" in cfg and "test_ckpt: best" in cfg
+        log = [r for r in (run / "csv" / "metrics.csv").read_text().splitlines()[1:] if r]
+        header = (run / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+        vals = [(int(r.split(",")[header.index("step")]) + 1,
+                 float(r.split(",")[header.index("val/acc1")])) for r in log
+                if r.split(",")[header.index("val/acc1")]]
+        best_step, best_val = max(vals, key=lambda sv: (sv[1], -sv[0]))
+        label = {"supervised": "Supervised", "ours": "Ours"}[method]
+        row = re.search(rf"^\| noise_strong / 50% / {label} \| (\d+) \| (\d+) \| ([\d.]+) \| "
+                        rf"([\d.]+) \|", report, re.M)
+        assert row, report
+        assert int(row.group(1)) == max(s for s, _ in vals) and int(row.group(2)) == best_step
+        assert float(row.group(3)) == pytest.approx(best_val * 100, abs=0.05)
+        assert best_val == pytest.approx(m["best/val/acc1"])  # best.ckpt holds that check
+        assert float(row.group(4)) == pytest.approx(m["test/acc1"] * 100, abs=0.05)
 
 
 def knn_bank(augment: bool, torch_seed: int):
