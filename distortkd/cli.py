@@ -77,7 +77,9 @@ def run_finetune(cfg: DictConfig, run_dir: Path) -> dict:
         return _metrics(trainer)
     metrics = _fit(trainer, module, datamodule, cfg, run_dir)
     trainer.test(module, datamodule=datamodule, ckpt_path="best" if cfg.finetune.test_ckpt == "best" else None)
-    return {**metrics, **_metrics(trainer)}
+    # Which weights test/acc1 is of: the selected checkpoint's file, or the final weights.
+    tested = trainer.ckpt_path or f"final weights (global step {trainer.global_step})"
+    return {**metrics, **_metrics(trainer), "test_checkpoint": str(tested)}
 
 
 def run_evaluate(cfg: DictConfig, run_dir: Path) -> dict:

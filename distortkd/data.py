@@ -5,7 +5,7 @@ int64}``, ``index`` being the sample's row in its underlying split (stable acros
 per-sample eval distortions, applied later on the device; this module knows nothing of them).
 
 Subsets never renumber ``index`` and compose in this order: ``train_subset`` (a row range of train)
-→ CAMELYON17's OOD filter → ``label_fraction`` (train only) → ``limit_train`` / ``limit_eval`` (the
+→ CAMELYON17's OOD filter → ``val_fraction`` (val carved from train) → ``label_fraction`` (train only) → ``limit_train`` / ``limit_eval`` (the
 first K rows of a seeded shuffle; eval limits use seed 0 so every run sees the same eval images).
 
 Three ways to hold a split: lazily (``HFImages``, PIL decode and transforms in the workers), in
@@ -46,22 +46,36 @@ from distortkd.transforms import rrc_boxes as rrc_boxes  # re-exported
 log = logging.getLogger(__name__)
 
 
-def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+def stratified_subset(labels: np.ndarray, fraction: float, seed: int | Sequence[int],
+                      option: str = "label_fraction") -> np.ndarray:
     """Sorted positions of a seeded, stratified ``fraction`` of ``labels [N]``.
 
     Each class keeps ``round(fraction * count)`` images (halves round up); a fraction that would
-    keep none of some class is refused, naming the smallest class count.
+    keep none of some class is refused, naming ``option`` and the smallest class count.
     """
     classes, counts = np.unique(labels, return_counts=True)
     keep = np.floor(counts * fraction + 0.5).astype(int)
     if len(keep) and keep.min() == 0:
         n = int(counts.min())
-        raise UserError(f"label_fraction {fraction} leaves a class without train images: the "
-                        f"smallest class has {n} images; accepted: label_fraction >= {0.5 / n:.3g}")
+        raise UserError(f"{option} {fraction} leaves a class without train images: the "
+                        f"smallest class has {n} images; accepted: {option} >= {0.5 / n:.3g}")
     rng = np.random.default_rng(seed)
     picks = [rng.permutation(np.flatnonzero(labels == c))[:k]
              for c, k in zip(classes, keep, strict=True)]
     return np.sort(np.concatenate(picks or [np.arange(0)]))
+
+
+def carve_val(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions ``(train, val)`` of ``labels [N]``: a seeded, stratified ``fraction`` becomes val,
+    the rest train; refused when either side would lose a whole class."""
+    # Its own stream (seed, 1): label_fraction later draws from ``seed`` on the train side.
+    val = stratified_subset(labels, fraction, (seed, 1), "val_fraction")
+    train = np.setdiff1d(np.arange(len(labels)), val, assume_unique=True)
+    if len(train) and len(np.unique(labels[train])) < len(np.unique(labels)):
+        n = int(np.unique(labels, return_counts=True)[1].min())
+        raise UserError(f"val_fraction {fraction} leaves a class without train images: the "
+                        f"smallest class has {n} images; accepted: val_fraction <= {1 - 0.5 / n:.3g}")
+    return train, val
 
 
 def first_k(index: np.ndarray, k: int | None, seed: int) -> np.ndarray:
@@ -173,6 +187,8 @@ def _check_options(h, rrc_scale: tuple, subset: tuple | None, spec: DatasetSpec)
     for ok, bad in [
         (h.in_chans in (1, 3), f"in_chans {h.in_chans}; accepted: 1, 3"),
         (0 < h.label_fraction <= 1, f"label_fraction {h.label_fraction}; accepted: 0 < f <= 1"),
+        (h.val_fraction is None or 0 < h.val_fraction < 1,
+         f"val_fraction {h.val_fraction}; accepted: 0 < f < 1, or null"),
         (0 < h.crop_pct <= 1, f"crop_pct {h.crop_pct}; accepted: 0 < crop_pct <= 1"),
         (len(rrc_scale) == 2 and 0 < rrc_scale[0] <= rrc_scale[1] <= 1,
          f"rrc_scale {list(rrc_scale)}; accepted: [low, high], 0 < low <= high <= 1"),
@@ -205,6 +221,9 @@ class ImageDataModule(L.LightningDataModule):
         image_size: output side S in pixels. crop_pct: eval center crop of the resized short side.
         in_chans: 3 (RGB) or 1 (grayscale).
         label_fraction: stratified fraction of train labels kept, in (0, 1].
+        val_fraction: a seeded, stratified fraction in (0, 1) of the train rows (after
+            ``train_subset``, before ``label_fraction``) that becomes the ``val`` role instead of
+            the spec's val split, so model selection never sees the test split; None: the spec's.
         train_subset: ``[start, stop)`` rows of the train split. limit_train, limit_eval: at most
             this many images per split (smoke runs).
         augment: RandomResizedCrop(``rrc_scale``) + flip for train; False: the eval transform.
@@ -227,7 +246,7 @@ class ImageDataModule(L.LightningDataModule):
                  rrc_scale: Sequence[float] = (0.08, 1.0), max_bad_fraction: float = 0.001,
                  in_memory: bool | None = None, val_ood: bool = False,
                  cache_dir: str | None = None, cache: str | None = None,
-                 cache_size: int | None = None):
+                 cache_size: int | None = None, val_fraction: float | None = None):
         super().__init__()
         if name not in DATASETS:
             raise unknown("dataset", name, DATASETS)
@@ -316,50 +335,75 @@ class ImageDataModule(L.LightningDataModule):
     def _mode(self) -> str:
         return "L" if self.in_chans == 1 else "RGB"
 
+    def _split(self, role: str) -> str:
+        """The split ``role`` reads: with ``val_fraction``, val is carved from train."""
+        if role not in self.spec.splits:
+            raise unknown(f"split of {self.name}", role, self.spec.splits)
+        return self.spec.splits["train" if self._carved(role) else role]
+
+    def _carved(self, role: str) -> bool:
+        return role in ("train", "val") and self.hparams.val_fraction is not None
+
     def _index(self, role: str, raw: dict) -> np.ndarray:
         """Rows of the split that ``role`` uses, in the order of the module docstring."""
         h, index = self.hparams, np.arange(len(raw["labels"]))
-        if role == "train" and self.train_subset is not None:
-            if self.train_subset[1] > len(index):
-                raise UserError(f"train_subset {list(self.train_subset)} is out of range; the "
-                                f"{self.name} train split has {len(index)} rows")
-            index = index[slice(*self.train_subset)]
+        if self._carved(role) or (role == "train" and self.train_subset is not None):
+            index = self._train_rows(index)
         if raw["ood"] is not None and role in ("val", "ood"):
             index = index[raw["ood"][index] == (role == "ood")]
         if raw["bad"] is not None:
             index = index[~raw["bad"][index]]
+        if self._carved(role):
+            train, val = carve_val(raw["labels"][index], h.val_fraction, h.seed)
+            index = index[train if role == "train" else val]
         if role != "train":
             return first_k(index, h.limit_eval, 0)
         if h.label_fraction < 1:
             index = index[stratified_subset(raw["labels"][index], h.label_fraction, h.seed)]
         return first_k(index, h.limit_train, h.seed)
 
+    def _train_rows(self, index: np.ndarray) -> np.ndarray:
+        """``index`` cut to ``train_subset``, if any."""
+        if self.train_subset is not None:
+            if self.train_subset[1] > len(index):
+                raise UserError(f"train_subset {list(self.train_subset)} is out of range; the "
+                                f"{self.name} train split has {len(index)} rows")
+            index = index[slice(*self.train_subset)]
+        return index
+
     def dataset(self, role: str) -> Dataset:
         """The dataset of ``role`` (``train``, ``val``, ``test`` or ``ood``), built once."""
         if role not in self._sets:
-            if role not in self.spec.splits:
-                raise unknown(f"split of {self.name}", role, self.spec.splits)
-            raw, h = self._load(self.spec.splits[role]), self.hparams
-            index, train = self._index(role, raw), role == "train" and h.augment
-            args = (h.image_size, h.crop_pct, self.spec.small, train, self.rrc_scale)
-            if raw["images"] is not None:
-                transform = BatchTransform(*args, self.in_chans)
-                self._sets[role] = TensorImages(raw["images"], raw["labels"], index, transform)
-            elif raw["canvas"] is not None:
-                shape, labels = raw["shape"], raw["labels"]
-                self._sets[role] = canvases.CanvasImages(raw["canvas"], shape, labels, index)
-            else:
-                self._sets[role] = HFImages(raw["table"], self.spec.image_key, raw["labels"], index,
-                                            pil_transform(*args), self._mode, h.max_bad_fraction,
-                                            f"{self.name} {role}")
+            self._sets[role] = self._build(role, role == "train" and self.hparams.augment)
         return self._sets[role]
+
+    def _build(self, role: str, train: bool) -> Dataset:
+        """``role``'s rows with the training transform (``train``) or the eval one."""
+        raw, h = self._load(self._split(role)), self.hparams
+        index = self._index(role, raw)
+        args = (h.image_size, h.crop_pct, self.spec.small, train, self.rrc_scale)
+        if raw["images"] is not None:
+            transform = BatchTransform(*args, self.in_chans)
+            return TensorImages(raw["images"], raw["labels"], index, transform)
+        if raw["canvas"] is not None:  # crops happen on the device (to_images)
+            return canvases.CanvasImages(raw["canvas"], raw["shape"], raw["labels"], index)
+        return HFImages(raw["table"], self.spec.image_key, raw["labels"], index,
+                        pil_transform(*args), self._mode, h.max_bad_fraction, f"{self.name} {role}")
+
+    def bank_dataloader(self) -> DataLoader:
+        """The train rows in a fixed order with the eval transform (no crop, no flip), whatever
+        ``augment``: a k-NN feature bank that does not depend on training-time augmentation, as
+        DINO's ``eval_knn.py`` builds it. Canvas batches still need ``to_images(train=False)``."""
+        h = self.hparams
+        return DataLoader(self._build("train", train=False), h.eval_batch_size or h.batch_size,
+                          num_workers=h.num_workers, pin_memory=h.pin_memory, collate_fn=collate)
 
     @property
     def skipped(self) -> dict[str, int]:
         """Undecodable images skipped so far per role (lazy splits count them as they meet them)."""
         out = {}
         for role, ds in self._sets.items():
-            bad = ds.bad if isinstance(ds, HFImages) else self._raw[self.spec.splits[role]]["bad"]
+            bad = ds.bad if isinstance(ds, HFImages) else self._raw[self._split(role)]["bad"]
             out[role] = 0 if bad is None else int(bad.sum())
         return out
 

@@ -1,5 +1,6 @@
 """The paper's figures from the report's data frames: accuracy vs severity (Fig. 2), accuracy vs
-label fraction (Fig. 3) and CLS→patch attention maps (Fig. 4).
+label fraction (Fig. 3) and CLS→patch attention maps (Fig. 4); the demo's accuracy vs fine-tune
+steps.
 
 Figures are drawn on matplotlib's Agg canvas directly, never through pyplot, so they render
 headless, leave no global figure state behind and work in any thread.
@@ -119,6 +120,40 @@ def labels_figure(
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x * 100:g}%"))
         ax.set(title=title(name), xlabel="labelled fraction", ylabel="accuracy (%)")
     axes[0].legend(fontsize="small")
+    return _save(fig, path)
+
+
+def steps_figure(curves: pd.DataFrame, path: Path) -> Path | None:
+    """Accuracy vs fine-tune steps: one subplot per (distortion, label fraction), one line per
+    method (val accuracy, mean ± std over seeds) and a cross at each run's selected checkpoint
+    (its step, its test accuracy).
+
+    Args:
+        curves: one row per validation check with ``distortion.name``, ``data.label_fraction``,
+            ``steps``, ``val`` and ``value`` (accuracies as fractions), ``selected`` (bool),
+            ``curve`` (one line each), ``seed`` and ``path``.
+        path: the PNG to write.
+
+    Returns:
+        ``path``, or None when there is nothing to draw.
+    """
+    curves = curves.dropna(subset=["steps", "val"])
+    if curves.empty:
+        return None
+    keys = list(dict.fromkeys(zip(curves["distortion.name"], curves["data.label_fraction"],
+                                  strict=True)))
+    fig, axes = _panels(len(keys), ncols=2)
+    for ax, (name, frac) in zip(axes, keys, strict=True):
+        part = curves[curves["distortion.name"].eq(name) & curves["data.label_fraction"].eq(frac)]
+        _lines(ax, part, "steps", "val")
+        for line, (_, group) in zip(ax.get_lines(), part.groupby("curve", sort=False),
+                                    strict=True):
+            picked = group[group["selected"]]
+            ax.plot(picked["steps"], picked["value"] * 100, "x", color=line.get_color(),
+                    markersize=9, label=f"{line.get_label()}: test, selected")
+        ax.set(title=f"{name}, {frac * 100:g} % labels", xlabel="fine-tune steps (× 128 images)",
+               ylabel="accuracy (%)")
+        ax.legend(fontsize="small")
     return _save(fig, path)
 
 

@@ -311,9 +311,14 @@ class FinetuneModule(_Base):
 
     @torch.no_grad()
     def _feature_bank(self) -> tuple[Tensor, Tensor]:
-        """L2-normalised features ``[M, D]`` and labels ``[M]`` of the (distorted) training set."""
+        """L2-normalised features ``[M, D]`` and labels ``[M]`` of the (distorted) training set.
+
+        The bank's images get the eval transform and the per-sample seeded distortion (DINO's
+        eval_knn.py does the same): random crops and flips would make k-NN accuracy depend on
+        ``data.augment`` and on the random state, not on the features.
+        """
         feats, labels = [], []
-        for batch in self.trainer.datamodule.train_dataloader():
+        for batch in self.trainer.datamodule.bank_dataloader():
             batch = self.transfer_batch_to_device(batch, self.device, 0)
             batch = self.trainer.datamodule.to_images(batch)  # uint8 canvases (data.cache) → [0, 1]
             x = self.distortion(batch["image"], self.seeds(batch))

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from distortkd import figures
+from distortkd import curves, figures
 from distortkd.runs import ROW_METRICS
 from distortkd.selection import (
     METHODS,
@@ -184,9 +184,7 @@ def diagnostics(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
 
 def demo(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
     """Demo: (distortion, label fraction) × method, and Δ = Ours − Supervised (of the means)."""
-    sel = main_loss(finetune(runs, opts, False))
-    sel = sel[sel["finetune.mode"].fillna("full").eq("full") & sel["distortion.family"].ne("identity")]
-    sel, what = with_value(sel[sel["method"].isin(["supervised", "ours"])], opts.metric)
+    sel, what = with_value(curves.demo_finetunes(runs, opts), opts.metric)
     tables = make_tables("demo", "Demo: accuracy by distortion and label fraction (%)", sel,
                          ["distortion.name", "data.label_fraction"], "method",
                          "Distortion / labels", what, orders=(None, ["supervised", "ours"]),
@@ -270,7 +268,10 @@ def figure_frame(name: str, runs: pd.DataFrame, rows: pd.DataFrame, opts) -> pd.
 
 
 def make_figure(name: str, runs: pd.DataFrame, rows: pd.DataFrame, opts, out: Path) -> list[Path]:
-    """Draws ``severity.png`` (Fig. 2), ``labels.png`` (Fig. 3) or ``attention*.png`` (Fig. 4)."""
+    """Draws ``severity.png`` (Fig. 2), ``labels.png`` (Fig. 3), ``attention*.png`` (Fig. 4) or the
+    demo's ``steps.png`` (accuracy vs fine-tune steps)."""
+    if name == "steps_figure":
+        return curves.steps_figure(runs, rows, opts, out)
     if name == "severity":
         path = figures.severity_figure(figure_frame(name, runs, rows, opts), out / "severity.png",
                                        title=_family)
@@ -285,11 +286,11 @@ def make_figure(name: str, runs: pd.DataFrame, rows: pd.DataFrame, opts, out: Pa
 
 TABLES = {"table1": table1, "table2": table2, "table3": table3, "heldout": heldout,
           "diagnostics": diagnostics, "demo": demo, "representation": representation,
-          "mixed": mixed, "knn": knn, "robustness": robustness}
-FIGURES = ("severity", "labels", "attention")
-LAYOUTS = {"paper": ("table1", "table2", "table3", "heldout", "diagnostics", *FIGURES),
-           "demo": ("demo", "representation", "robustness", "diagnostics", "knn", "mixed", "heldout",
-                    *FIGURES)}
+          "mixed": mixed, "knn": knn, "robustness": robustness, "steps": curves.steps}
+FIGURES = ("severity", "labels", "attention", "steps_figure")
+LAYOUTS = {"paper": ("table1", "table2", "table3", "heldout", "diagnostics", *FIGURES[:3]),
+           "demo": ("demo", "steps", "representation", "robustness", "diagnostics", "knn", "mixed",
+                    "heldout", *FIGURES)}
 ALIASES = {"fig2": "severity", "fig3": "labels", "fig4": "attention"}
 
 

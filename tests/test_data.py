@@ -180,6 +180,42 @@ def test_subset_fraction_and_limits_compose_on_original_indices():
         ImageDataModule("fashion_mnist", train_subset=[0, 70000], **kw).dataset("train")
 
 
+def test_val_fraction_is_carved_from_train_stratified_disjoint_and_seeded():
+    kw = dict(image_size=28, in_chans=1, train_subset=[20000, 60000], val_fraction=0.05, **KW)
+    labels = data.read_idx(FMNIST / "train-labels-idx1-ubyte.gz")
+
+    def rows(seed, **extra):
+        dm = ImageDataModule("fashion_mnist", seed=seed, **kw, **extra)
+        return {role: dm.dataset(role).index.numpy() for role in ("train", "val", "test")}
+
+    full, labelled = rows(3), rows(3, label_fraction=0.01)
+    val = full["val"]
+    assert np.array_equal(labelled["val"], val)  # label_fraction applies after the carve
+    assert val.min() >= 20000 and not set(val) & set(full["train"])  # from train, disjoint
+    assert np.array_equal(np.sort(np.concatenate([val, full["train"]])), np.arange(20000, 60000))
+    assert set(labelled["train"]) <= set(full["train"]) and len(labelled["train"]) == 380
+    counts = np.bincount(labels[20000:], minlength=10)
+    assert np.array_equal(np.bincount(labels[val], minlength=10), np.floor(counts * 0.05 + 0.5))
+    assert len(full["test"]) == 10000  # the test split is untouched
+    assert np.array_equal(rows(3)["val"], val) and not np.array_equal(rows(4)["val"], val)
+
+
+@pytest.mark.parametrize("fraction, message", [
+    (0.0, r"invalid data option val_fraction 0\.0; accepted: 0 < f < 1, or null"),
+    (1.0, r"invalid data option val_fraction 1\.0; accepted: 0 < f < 1, or null"),
+    (0.1, r"^val_fraction 0\.1 leaves a class without .*smallest class has 4 images; accepted: "
+          r"val_fraction >= 0\.125$"),
+    (0.9, r"^val_fraction 0\.9 leaves a class without train images: .*smallest class has 4 "
+          r"images; accepted: val_fraction <= 0\.875$"),
+])
+def test_val_fraction_out_of_range_or_emptying_a_class_is_one_line(copies, tmp_path, fraction,
+                                                                      message):
+    with pytest.raises(UserError, match=message) as err:
+        ImageDataModule("cifar10", path=str(copies["cifar10"]), val_fraction=fraction,
+                        cache_dir=str(tmp_path / "cache"), **KW).setup("fit")
+    assert "\n" not in str(err.value)
+
+
 def write_jpeg_tree(root: Path, wnids: list[str], rng) -> None:
     for split in ("train", "val"):
         for w in wnids:

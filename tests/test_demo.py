@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,7 +22,7 @@ def test_fast_demo_report_matches_run_folders(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "experiments/demo/run.sh")], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for name in ("results.md", "severity.png", "labels.png", "attention.png"):
+    for name in ("results.md", "severity.png", "labels.png", "attention.png", "steps.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     report = (out / "results.md").read_text()
 
@@ -47,3 +48,60 @@ def test_fast_demo_report_matches_run_folders(tmp_path):
     assert float(row.group(1)) == pytest.approx(m["val/cos_clean_baseline"], abs=5e-4)
     assert float(row.group(2)) == pytest.approx(m["val/cos_clean"], abs=5e-4)
     assert "k-NN accuracy" in report and "mixed_demo" in report
+
+    # model selection on the val split carved from train; the steps table is the run's own log
+    for method in ("supervised", "ours"):
+        (run,) = (runs / "demo" / "finetune").glob(f"*_{method}_noise_strong_*_full_s0")
+        cfg, m = (run / "config.yaml").read_text(), json.loads((run / "metrics.json").read_text())
+        assert "val_fraction: 0.05" in cfg and "test_ckpt: best" in cfg
+        log = [r for r in (run / "csv" / "metrics.csv").read_text().splitlines()[1:] if r]
+        header = (run / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+        vals = [(int(r.split(",")[header.index("step")]) + 1,
+                 float(r.split(",")[header.index("val/acc1")])) for r in log
+                if r.split(",")[header.index("val/acc1")]]
+        best_step, best_val = max(vals, key=lambda sv: (sv[1], -sv[0]))
+        label = {"supervised": "Supervised", "ours": "Ours"}[method]
+        row = re.search(rf"^\| noise_strong / 50% / {label} \| (\d+) \| (\d+) \| ([\d.]+) \| "
+                        rf"([\d.]+) \|", report, re.M)
+        assert row, report
+        assert int(row.group(1)) == max(s for s, _ in vals) and int(row.group(2)) == best_step
+        assert float(row.group(3)) == pytest.approx(best_val * 100, abs=0.05)
+        assert best_val == pytest.approx(m["best/val/acc1"])  # best.ckpt holds that check
+        assert float(row.group(4)) == pytest.approx(m["test/acc1"] * 100, abs=0.05)
+
+
+def knn_bank(augment: bool, torch_seed: int):
+    """The k-NN feature bank of a tiny random ViT over 200 Fashion-MNIST train images."""
+    import lightning as L
+
+    from distortkd import distortions
+    from distortkd.data import ImageDataModule
+    from distortkd.modules import FinetuneModule
+    from distortkd.vit import build_encoder
+
+    torch.manual_seed(0)
+    encoder = build_encoder("vit_tiny_patch16_224", pretrained=False, in_chans=1, img_size=28,
+                            patch_size=7, embed_dim=32, depth=2, num_heads=2)
+    dm = ImageDataModule("fashion_mnist", image_size=28, in_chans=1, batch_size=64,
+                         eval_batch_size=50, num_workers=0, pin_memory=False, limit_train=200,
+                         limit_eval=20, augment=augment, rrc_scale=(0.3, 1.0))
+    module = FinetuneModule(encoder, 10, distortions.build("noise_strong"), optimizer=None,
+                            mode="knn")
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    torch.manual_seed(torch_seed)  # the bank must not depend on the global random state
+    trainer.test(module, datamodule=dm, verbose=False)
+    return module._bank, dm.dataset("train").index
+
+
+def test_knn_bank_is_deterministic_and_independent_of_augment():
+    (feats, labels), index = knn_bank(augment=True, torch_seed=1)
+    (again, again_labels), _ = knn_bank(augment=True, torch_seed=2)
+    (plain, plain_labels), _ = knn_bank(augment=False, torch_seed=3)
+    assert feats.shape == (200, 32) and len(index) == 200
+    assert torch.equal(feats, again) and torch.equal(labels, again_labels)
+    assert torch.equal(feats, plain) and torch.equal(labels, plain_labels)
+    from distortkd.data import read_idx
+
+    train_labels = read_idx(Path("/usr/share/datasets/fashion-mnist/train-labels-idx1-ubyte.gz"))
+    assert labels.tolist() == train_labels[index.numpy()].tolist()  # every train row, in order

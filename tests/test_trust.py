@@ -111,6 +111,16 @@ def test_finetune_records_the_finished_student_it_used(runs, monkeypatch, capsys
     assert init["sha256"] == rundir.sha256(init["path"])
 
 
+def test_finetune_records_which_weights_it_tested(runs, monkeypatch, capsys):
+    for test_ckpt, expect in (("last", "final weights (global step "), ("best", "checkpoints/best.ckpt")):
+        monkeypatch.setenv("DISTORTKD_RUNS", str(runs / test_ckpt))
+        code, err = _cli("finetune", [*TINY, "method=supervised", f"finetune.test_ckpt={test_ckpt}"],
+                         monkeypatch, capsys)
+        assert code == 0, err[-2000:]
+        run = _run_folder(runs / test_ckpt, "finetune")
+        assert expect in _json(run / "metrics.json")["test_checkpoint"]
+
+
 def test_evaluate_refuses_an_unfinished_finetune(runs, monkeypatch, capsys):
     code, err = _cli("finetune", [*TINY, "method=supervised"], monkeypatch, capsys)
     assert code == 0, err[-2000:]

@@ -18,7 +18,7 @@ if [ "$FAST" = 1 ]; then  # a smoke run of every stage on a few cells (what the 
   fast=(data.limit_train=1000 data.limit_eval=500 trainer.max_epochs=1 trainer.limit_val_batches=1)
   teacher=(trainer.max_steps=20)
   distill=(distortion=noise_strong,mixed_demo)
-  finetune=(distortion=noise_strong data.label_fraction=0.5 trainer.max_steps=5)
+  finetune=(distortion=noise_strong data.label_fraction=0.5 trainer.max_steps=6 trainer.val_check_interval=3)
   evaluate=(distortion=noise_strong data.label_fraction=0.5)
   knn=(distortion=noise_strong pretrain.distortion=noise_strong,mixed_demo)
   heldout=(data.label_fraction=0.5 method=ours)
