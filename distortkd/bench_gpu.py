@@ -287,7 +287,7 @@ def cli_ips(plan: Plan, root: Path, cache_dir: str, tmp: Path) -> float:
                  "trainer.max_epochs=-1", "distortion=noise_strong", "loss=multilevel",
                  f"+callbacks.bench_timer={timer}"]
     exe = Path(sys.executable).parent / "distortkd-distill"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "distortkd.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "distortkd.cli", "distill"]
     env = {**os.environ, "DISTORTKD_RUNS": str(tmp / "runs")}
     proc = subprocess.run([*cmd, *overrides], env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0 or not timing.exists():
@@ -329,23 +329,25 @@ def run(plan: Plan, device: torch.device) -> tuple[dict, dict]:
     b = _bench(plan, model, device)
     sections: dict = {}
     for key, make in (("distill", _distill), ("supervised", _supervised)):
-        sections[key] = _guard(lambda make=make: step_section(b, make, plan.compile, peak))
+        sections[key] = _guard(lambda make=make: step_section(b, make, plan.compile, peak), key)
     sections["memory"] = _guard(lambda: {f"{k}/{v}": sections[k]["variants"][v]["peak_MiB"]
                                          for k in ("distill", "supervised")
                                          for v in sections[k].get("variants", {})
-                                         if "peak_MiB" in sections[k]["variants"][v]})
+                                         if "peak_MiB" in sections[k]["variants"][v]}, "memory")
     with tempfile.TemporaryDirectory() as tmp:
         root, cache_dir = Path(tmp) / "imagenet100", f"{tmp}/cache"
-        written = _guard(lambda: write_parquet(root, plan))
+        written = _guard(lambda: write_parquet(root, plan), "writing the JPEG parquet")
         step_ips = _best_ips(sections["distill"])
         sections["data"] = written if isinstance(written, dict) else _guard(
-            lambda: data_section(plan, device, root, cache_dir, step_ips))
+            lambda: data_section(plan, device, root, cache_dir, step_ips), "data")
         sections["lightning"] = written if isinstance(written, dict) else _guard(
-            lambda: lightning_section(plan, device, root, cache_dir, Path(tmp)))
+            lambda: lightning_section(plan, device, root, cache_dir, Path(tmp)), "lightning")
     return env, sections
 
 
-def _guard(fn: Callable[[], object]):
+def _guard(fn: Callable[[], object], what: str):
+    """``fn()``, or ``{"error": ...}`` if it raised; says on stderr what runs (a run of minutes)."""
+    print(f"distortkd-bench gpu: {what} ...", file=sys.stderr, flush=True)
     try:
         return fn()
     except Exception as err:  # noqa: BLE001 -- one failed section must not lose the others

@@ -276,3 +276,23 @@ def test_failed_compile_keeps_eager_figures(monkeypatch):
     assert eager["MFU_%"] == pytest.approx(sec["GFLOP/img"] * eager["img/s"] / 10)  # peak 1 TFLOP/s
     md = bench_gpu._steps_md(sec)
     assert any(line.startswith("| compile |") and "inductor exploded" in line for line in md)
+
+
+def test_failed_sections_are_recorded_and_the_others_kept(monkeypatch, tmp_path, capsys):
+    """A section that raises becomes ``{"error": ...}`` in the JSON and "failed:" in the Markdown;
+    the run still writes both files, with the figures of every other section."""
+    from distortkd import bench_gpu
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(bench_gpu, "data_section", broken)
+    monkeypatch.setattr(bench_gpu, "lightning_section", broken)
+    assert bench.main(["gpu", "--tiny", "--out", str(tmp_path)]) == 0
+    sections = json.loads((tmp_path / "bench.json").read_text())["sections"]
+    assert sections["data"] == sections["lightning"] == {"error": "OSError: disk full"}
+    assert sections["distill"]["variants"]["eager"]["img/s"] > 0
+    assert sections["memory"]["supervised/eager"] > 0
+    md = (tmp_path / "bench.md").read_text()
+    assert md.count("failed: OSError: disk full") == 2
+    assert "disk full" in capsys.readouterr().err  # the traceback goes to the console
