@@ -52,12 +52,12 @@ from distortkd.bench import (
     train_step,
 )
 from distortkd.build import build_distortion, build_loss
+from distortkd.cli import CONF
 from distortkd.errors import UserError
 from distortkd.rundir import finite_json, write_json
 from distortkd.steps import distill_loss, supervised_loss
 from distortkd.vit import FrozenTeacher
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
 NO_CUDA = "no CUDA device; accepted: a CUDA machine, or --tiny for the CPU smoke version"
 SECTIONS = {"distill": "Distillation step", "supervised": "Supervised step", "memory": "Peak memory",
             "data": "Data path", "lightning": "Lightning overhead"}
@@ -81,8 +81,8 @@ class Plan:
     cli_workers: int
 
 
-FULL = Plan(False, 128, 3, 20, True, (4, 8, 16), 2560, 256, (500, 400), 200, 20, 12)
-TINY = Plan(True, 4, 1, 2, False, (0, 1), 200, 20, (64, 48), 5, 1, 0)
+FULL_PLAN = Plan(False, 128, 3, 20, True, (4, 8, 16), 2560, 256, (500, 400), 200, 20, 12)
+TINY_PLAN = Plan(True, 4, 1, 2, False, (0, 1), 200, 20, (64, 48), 5, 1, 0)
 
 
 def mfu(flops_per_image: float, images_per_s: float, peak_tflops: float | None) -> float | None:
@@ -100,7 +100,7 @@ def _bench(plan: Plan, model: str, device: torch.device) -> Bench:
 
 
 def _conf(group: str, name: str):
-    return OmegaConf.load(CONF / group / f"{name}.yaml")
+    return OmegaConf.load(Path(CONF) / group / f"{name}.yaml")
 
 
 def _distill(b: Bench):
@@ -418,7 +418,7 @@ def main(args: argparse.Namespace, argv: list[str]) -> int:
         raise UserError(NO_CUDA)
     device = torch.device("cpu" if args.tiny else "cuda")
     command = shlex.join(["distortkd-bench", *argv])
-    env, sections = run(TINY if args.tiny else FULL, device)
+    env, sections = run(TINY_PLAN if args.tiny else FULL_PLAN, device)
     args.out.mkdir(parents=True, exist_ok=True)
     report, bad = finite_json({"command": command, "env": env, "sections": sections})
     report["non_finite"] = bad  # named, never stored as NaN (standard JSON)

@@ -268,7 +268,7 @@ def test_failed_compile_keeps_eager_figures(monkeypatch):
         return real(b, params, loss_of, compile)
 
     monkeypatch.setattr(bench_gpu, "train_step", failing)
-    b = bench_gpu._bench(bench_gpu.TINY, "vit_tiny_patch16_224", torch.device("cpu"))
+    b = bench_gpu._bench(bench_gpu.TINY_PLAN, "vit_tiny_patch16_224", torch.device("cpu"))
     sec = bench_gpu.step_section(b, bench_gpu._distill, compile=True, peak=1.0)
     assert sec["variants"]["compile"] == {"error": "RuntimeError: inductor exploded"}
     eager = sec["variants"]["eager"]
