@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install fashion-mnist test test-fast lint demo bench table1 table2 table3 fig2 fig3 fig4 clean
+.PHONY: install fashion-mnist test test-fast lint demo bench bench-gpu table1 table2 table3 fig2 fig3 fig4 clean
 
 install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
@@ -99,6 +99,12 @@ bench: install
 	$(BIN)/distortkd-bench taps
 	$(BIN)/distortkd-bench step --model vit_small_patch16_224 --batch 16
 	$(BIN)/distortkd-bench distort
+
+# One GPU, <= 8 min: ViT-B/16 distillation and supervised steps (bf16, eager and compiled, MFU, peak
+# memory), the data path (PIL in 4/8/16 workers vs data.cache=uint8) and Lightning's overhead.
+BENCH_OUT ?= $(RESULTS)/bench-gpu
+bench-gpu: install
+	$(BIN)/distortkd-bench gpu --out $(BENCH_OUT)
 
 clean:
 	rm -rf $(VENV) runs results experiments/demo/runs

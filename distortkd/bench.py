@@ -42,9 +42,14 @@ from distortkd.vit import Encoder, FrozenTeacher, build_vit, extract_features
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # --tiny: a ViT of a few tens of thousands of parameters, for the tests.
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
-# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity); the first substring of the device name wins.
+# Dense bf16 tensor-core peaks (TFLOP/s with FP32 accumulate, no 2:4 sparsity); the first
+# substring of the device name wins, so more specific names come first. Sources: NVIDIA's H100
+# datasheet (SXM 1,979 / PCIe 1,513 "with sparsity", i.e. 989 / 756 dense; H200 = H100 SXM
+# compute), A100 datasheet (312), L40S datasheet (362.05), Ada whitepaper (RTX 4090: 165.2 with
+# FP32 accumulate), RTX A6000 datasheet (309.7 sparse = 154.8 dense), A10 (125), L4 (121), L40 (181).
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("B200", 2250.0),
-                    ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10", 125.0))
+                    ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0),
+                    ("RTX 4090", 165.2), ("A6000", 154.8), ("A10", 125.0))
 MEM_NOTE = {"cuda": "peak_MiB: torch.cuda.max_memory_allocated during the variant's own calls",
             "cpu": "peak_MiB: process max RSS (ru_maxrss) after the variant's warm-up, cumulative "
                    "over the rows above it (only increases are the variant's)"}
@@ -227,8 +232,12 @@ def peak_tflops(b: Bench) -> float | None:
     """``--peak-tflops``, else the bf16 table entry for a CUDA device in bf16, else None."""
     if b.args.peak_tflops or b.device.type != "cuda" or b.dtype is not torch.bfloat16:
         return b.args.peak_tflops
-    name = torch.cuda.get_device_name(b.device)
-    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
+    return peak_bf16_tflops(torch.cuda.get_device_name(b.device))
+
+
+def peak_bf16_tflops(device_name: str) -> float | None:
+    """Dense bf16 peak of a CUDA device from its name (``PEAK_BF16_TFLOPS``); None if unknown."""
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in device_name), None)
 
 
 def step_variants(b: Bench) -> tuple[dict[str, Callable], dict[str, float]]:
@@ -376,6 +385,11 @@ def _parser() -> argparse.ArgumentParser:
     distort.add_argument("--step-batch", type=int, default=None, help="batch of --with-step")
     data.add_argument("--workers", type=_int_list, default=[0, 1, 2], help="e.g. 0,1,2")
     data.add_argument("--num-images", type=int, default=512)
+    gpu = sub.add_parser("gpu", help="the whole training path on one GPU (make bench-gpu)",
+                         description="Distillation and supervised steps (eager, compiled, MFU, "
+                                     "memory), data path and Lightning overhead; bench.json + bench.md")
+    gpu.add_argument("--out", type=Path, default=Path("results/bench-gpu"), help="report folder")
+    gpu.add_argument("--tiny", action="store_true", help="the same code paths on a CPU, tiny (tests)")
     return p
 
 
@@ -447,6 +461,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     try:
+        if args.command == "gpu":
+            from distortkd import bench_gpu  # imports Lightning and the data stack
+
+            return bench_gpu.main(args, argv)
         b = _bench(args)
         results, summary = COMMANDS[args.command](b)
     except UserError as err:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import types
 
@@ -188,3 +189,110 @@ def test_graph_break_counting_sees_a_break():
     explained = torch._dynamo.explain(distill_loss)(
         student, teacher, build("mask_weak"), breaking_loss, b.images(4))
     assert explained.graph_break_count >= 1
+
+
+# --- distortkd-bench gpu ------------------------------------------------------------------------
+
+def _numbers(tree, path=""):
+    """Every (dotted key, number) leaf of a JSON tree (booleans are verdicts, not numbers)."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _numbers(v, f"{path}.{k}" if path else k)
+    elif isinstance(tree, int | float) and not isinstance(tree, bool):
+        yield path, tree
+
+
+@pytest.mark.slow
+def test_gpu_tiny_reports_every_section(capsys, tmp_path):
+    """``gpu --tiny`` runs all five sections on CPU (the real datamodule, cache and CLI included)."""
+    from distortkd import bench_gpu
+
+    assert bench.main(["gpu", "--tiny", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    sections = data["sections"]
+    assert set(sections) == set(bench_gpu.SECTIONS)
+    assert not [k for k, s in sections.items() if "error" in s], sections
+    assert data["non_finite"] == []
+    for key, value in _numbers(sections):
+        assert math.isfinite(value), key
+        assert value > 0 or key.endswith("overhead_%"), key  # Lightning may time faster by chance
+    assert set(sections["distill"]["variants"]) == set(sections["supervised"]["variants"]) == {"eager"}
+    assert set(sections["memory"]) == {"distill/eager", "supervised/eager"}
+    assert set(sections["data"]["paths"]) == {"pil/workers=0", "pil/workers=1", "uint8/workers=0",
+                                              "uint8/workers=1"}
+    assert isinstance(sections["data"]["pil_bottleneck_at_1_workers"], bool)
+    assert data["env"]["peak_bf16_tflops"] is None  # a CPU has no entry: no MFU
+    md = (tmp_path / "bench.md").read_text()
+    assert md in capsys.readouterr().out  # printed too
+    for title in bench_gpu.SECTIONS.values():
+        assert f". {title}\n" in md, title
+    assert f"`{data['command']}`" in md and "failed:" not in md and "peak unknown" in md
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
+                                        ("NVIDIA H200", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0),
+                                        ("NVIDIA L40S", 362.0), ("NVIDIA GeForce RTX 4090", 165.2),
+                                        ("NVIDIA RTX A6000", 154.8), ("Tesla T4", None),
+                                        ("Intel(R) Xeon(R) Processor", None)])
+def test_peak_table_lookup(name, peak):
+    assert bench.peak_bf16_tflops(name) == peak
+
+
+def test_mfu_arithmetic():
+    from distortkd.bench_gpu import mfu
+
+    # 20 GFLOP/image at 3,500 img/s = 70 TFLOP/s: 7.07 % of 989 TFLOP/s.
+    assert mfu(20e9, 3500.0, 989.0) == pytest.approx(100 * 70 / 989)
+    assert mfu(1e12, 1.0, 2.0) == pytest.approx(50.0)
+    assert mfu(20e9, 3500.0, None) is None
+
+
+def test_gpu_without_cuda_is_one_line_exit_2(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main(["gpu", "--out", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == ("distortkd-bench: error: no CUDA device; accepted: a CUDA machine, "
+                                    "or --tiny for the CPU smoke version")
+    assert not (tmp_path / "bench.json").exists()
+
+
+def test_failed_compile_keeps_eager_figures(monkeypatch):
+    """A compile failure is recorded in its variant; the eager figures of the section remain."""
+    from distortkd import bench_gpu
+
+    real = bench_gpu.train_step
+
+    def failing(b, params, loss_of, compile):
+        if compile:
+            raise RuntimeError("inductor exploded\nsecond line")
+        return real(b, params, loss_of, compile)
+
+    monkeypatch.setattr(bench_gpu, "train_step", failing)
+    b = bench_gpu._bench(bench_gpu.TINY_PLAN, "vit_tiny_patch16_224", torch.device("cpu"))
+    sec = bench_gpu.step_section(b, bench_gpu._distill, compile=True, peak=1.0)
+    assert sec["variants"]["compile"] == {"error": "RuntimeError: inductor exploded"}
+    eager = sec["variants"]["eager"]
+    assert eager["img/s"] > 0 and sec["GFLOP/img"] > 0
+    assert eager["MFU_%"] == pytest.approx(sec["GFLOP/img"] * eager["img/s"] / 10)  # peak 1 TFLOP/s
+    md = bench_gpu._steps_md(sec)
+    assert any(line.startswith("| compile |") and "inductor exploded" in line for line in md)
+
+
+def test_failed_sections_are_recorded_and_the_others_kept(monkeypatch, tmp_path, capsys):
+    """A section that raises becomes ``{"error": ...}`` in the JSON and "failed:" in the Markdown;
+    the run still writes both files, with the figures of every other section."""
+    from distortkd import bench_gpu
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(bench_gpu, "data_section", broken)
+    monkeypatch.setattr(bench_gpu, "lightning_section", broken)
+    assert bench.main(["gpu", "--tiny", "--out", str(tmp_path)]) == 0
+    sections = json.loads((tmp_path / "bench.json").read_text())["sections"]
+    assert sections["data"] == sections["lightning"] == {"error": "OSError: disk full"}
+    assert sections["distill"]["variants"]["eager"]["img/s"] > 0
+    assert sections["memory"]["supervised/eager"] > 0
+    md = (tmp_path / "bench.md").read_text()
+    assert md.count("failed: OSError: disk full") == 2
+    assert "disk full" in capsys.readouterr().err  # the traceback goes to the console
