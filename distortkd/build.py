@@ -17,7 +17,7 @@ from distortkd import distortions, rundir
 from distortkd.errors import UserError, unknown
 from distortkd.losses import LOSSES
 from distortkd.modules import load_encoder_weights, run_checkpoint
-from distortkd.vit import build_encoder
+from distortkd.vit import Encoder, build_encoder
 
 
 def _plain(node) -> dict:
@@ -47,6 +47,47 @@ def build_model(cfg: DictConfig, pretrained: bool | None = None, *, trust: bool 
     if ckpt:
         load_encoder_weights(encoder, cfg.weights_file, trust=trust)
     return encoder
+
+
+def build_teacher(cfg: DictConfig | None, model: DictConfig, student: Encoder, *, trust: bool = False) -> Encoder:
+    """The teacher a ``teacher/`` config describes, for ``student`` (built from ``model``).
+
+    ``teacher=same`` (``same: true``, or no teacher node: older configs): the student's own model
+    config with the student's start weights copied, even for random-init models (the paper's
+    setting; built exactly as before the teacher group existed). Any other teacher is built from
+    its own config: its own architecture and weights (``pretrained``/``weights_file``).
+    """
+    if cfg is None or cfg.get("same", False):
+        teacher = build_model(model, trust=trust)
+        teacher.load_state_dict(student.state_dict())  # identical start even for random-init models
+        return teacher
+    return build_model(cfg, trust=trust)
+
+
+def check_teacher(student: Encoder, teacher: Encoder, loss: DictConfig, teacher_name: str) -> None:
+    """Refuses a student/teacher pair the loss cannot compare, in one line.
+
+    Raises:
+        UserError: different input channels; the contrastive loss with different embedding widths
+            (InfoNCE has no projection); a token or attention term (β or γ ≠ 0) with a non-ViT.
+    """
+    s_chans, t_chans = student.mean.numel(), teacher.mean.numel()
+    if s_chans != t_chans:
+        raise UserError(f"teacher {teacher_name!r} takes {t_chans}-channel images, the student {s_chans}; "
+                        f"accepted: a teacher with in_chans={s_chans}")
+    params = _plain(loss.get("params"))
+    if loss.fn == "contrastive":
+        if student.embed_dim != teacher.embed_dim:
+            raise UserError(f"loss=contrastive compares embeddings of equal width; teacher {teacher_name!r} has "
+                            f"{teacher.embed_dim}, the student {student.embed_dim}; accepted: a teacher of width "
+                            f"{student.embed_dim}, or loss=multilevel")
+        return
+    tokens = params.get("beta", 1.0) != 0 or params.get("gamma", 1.0) != 0  # multilevel_loss's defaults
+    if tokens and not (student.is_vit and teacher.is_vit):
+        which = "teacher " + repr(teacher_name) if not teacher.is_vit else "the student"
+        raise UserError(f"loss {loss.name!r} (beta={params.get('beta', 1.0)}, gamma={params.get('gamma', 1.0)}) "
+                        f"needs patch tokens and attention, and {which} is not a ViT; accepted: ViT student "
+                        "and teacher, or loss=global (CLS only)")
 
 
 def build_distortion(cfg: DictConfig) -> distortions.Distortion:

@@ -30,6 +30,9 @@ class AttentionPanels(L.Callback):
         if (trainer.sanity_checking or not trainer.is_global_zero or student is None
                 or not student.is_vit or self.every <= 0 or epoch % self.every):
             return
+        teacher = module.teacher.encoder
+        if not teacher.is_vit or teacher.grid != student.grid:  # the panels share one patch grid
+            return
         from distortkd.evaluation import attention_maps
         from distortkd.figures import attention_figures
 

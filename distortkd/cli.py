@@ -23,7 +23,15 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from distortkd import rundir
-from distortkd.build import build_distortion, build_loss, build_model, provenance, schedule
+from distortkd.build import (
+    build_distortion,
+    build_loss,
+    build_model,
+    build_teacher,
+    check_teacher,
+    provenance,
+    schedule,
+)
 from distortkd.checkpoints import load_checkpoint
 from distortkd.checks import check_config
 from distortkd.errors import UserError
@@ -44,8 +52,10 @@ OmegaConf.register_new_resolver(
 
 def run_distill(cfg: DictConfig, run_dir: Path) -> dict:
     datamodule = resumable(instantiate(cfg.data))
-    student, teacher = (build_model(cfg.model, trust=cfg.trust_checkpoint) for _ in range(2))
-    teacher.load_state_dict(student.state_dict())  # identical start even for random-init models
+    # model= is the student; teacher= the frozen teacher (teacher=same: the paper's setting).
+    student = build_model(cfg.model, trust=cfg.trust_checkpoint)
+    teacher = build_teacher(cfg.get("teacher"), cfg.model, student, trust=cfg.trust_checkpoint)
+    check_teacher(student, teacher, cfg.loss, (cfg.get("teacher") or {}).get("name") or cfg.model.name)
     loss_fn, contrastive, with_attn = build_loss(cfg.loss)
     module = DistillModule(
         student, teacher, build_distortion(cfg.distortion), loss_fn,

@@ -79,9 +79,11 @@ def attention_topk_iou(a_logits: Tensor, b_logits: Tensor, k: int | float) -> Te
     Returns:
         0-dim tensor in ``[0, 1]``: 1 for identical top sets, 0 for disjoint ones.
     """
-    if a_logits.shape != b_logits.shape or a_logits.ndim != 3:
+    # Head counts may differ (a student smaller than its teacher): each map is averaged over its heads.
+    if a_logits.ndim != 3 or b_logits.ndim != 3 or a_logits.shape[::2] != b_logits.shape[::2]:
         raise UserError(
-            f"attention maps must both be [B, H, N]; got {tuple(a_logits.shape)}, {tuple(b_logits.shape)}"
+            f"attention maps must both be [B, H, N] with the same B and N; got {tuple(a_logits.shape)}, "
+            f"{tuple(b_logits.shape)}"
         )
     count = _topk_count(k, a_logits.shape[-1])
     tops = []

@@ -7,6 +7,7 @@ through what the caller passes; the teacher's tensors are expected to be detache
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import partial
 
@@ -35,17 +36,42 @@ def attention_kl(student_logits: Tensor, teacher_logits: Tensor, tau: float) -> 
     p = softmax(logits / τ) over the N patches for each (sample, head); the KL is summed over
     patches and averaged over heads and batch. Computed in fp32 from ``log_softmax`` on both sides,
     so a patch with zero teacher probability contributes exactly 0 and no log(0) is ever taken.
+    Student and teacher with different head counts (a smaller student): head i of one is not
+    head i of the other, so ``head_averaged_attention_kl`` compares their head-averaged maps.
 
     Args:
-        student_logits: ``[B, H, N]`` pre-softmax logits of the student.
-        teacher_logits: ``[B, H, N]`` pre-softmax logits of the teacher.
+        student_logits: ``[B, H, N]`` pre-softmax logits of the student (``[B, H_s, N]``).
+        teacher_logits: ``[B, H, N]`` pre-softmax logits of the teacher (``[B, H_t, N]``).
         tau: softmax temperature (> 0); larger values smooth both distributions.
     """
     if tau <= 0:
         raise ValueError(f"attention temperature tau={tau} is out of range; accepted: tau > 0")
+    if student_logits.shape[1] != teacher_logits.shape[1]:
+        return head_averaged_attention_kl(student_logits, teacher_logits, tau)
     log_p_s = F.log_softmax(student_logits.float() / tau, dim=-1)
     log_p_t = F.log_softmax(teacher_logits.float() / tau, dim=-1)
     kl = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True)  # p_t * (log p_t - log p_s)
+    return kl.sum(-1).mean()
+
+
+def head_averaged_attention_kl(student_logits: Tensor, teacher_logits: Tensor, tau: float) -> Tensor:
+    """KL(p̄_teacher ‖ p̄_student) of the head-averaged CLS→patch attention.
+
+    p̄ = mean over heads of softmax(logits / τ) (each head's own distribution first, then their
+    mean: the map the CLS token actually attends with, whatever the head count); the KL is summed
+    over the N patches and averaged over the batch. ``log p̄`` is taken as
+    ``logsumexp_h(log_softmax) − log H`` in fp32, so no log(0) is ever taken.
+
+    Args:
+        student_logits: ``[B, H_s, N]`` pre-softmax logits.
+        teacher_logits: ``[B, H_t, N]`` pre-softmax logits (H_t may differ from H_s).
+        tau: softmax temperature (> 0).
+    """
+    def log_mean_p(logits: Tensor) -> Tensor:
+        log_p = F.log_softmax(logits.float() / tau, dim=-1)
+        return torch.logsumexp(log_p, dim=1) - math.log(logits.shape[1])  # [B, N]
+
+    kl = F.kl_div(log_mean_p(student_logits), log_mean_p(teacher_logits), reduction="none", log_target=True)
     return kl.sum(-1).mean()
 
 
@@ -58,6 +84,9 @@ def multilevel_loss(
     tau: float = 1.0,
 ) -> dict[str, Tensor]:
     """α·MSE(CLS) + β·MSE(patches) + γ·KL(attention) (Eq. 7), with each term reported unweighted.
+
+    ``student`` is already in the teacher's token space (``vit.ToTeacher``: same width and patch
+    grid); with different head counts the attention term is ``head_averaged_attention_kl``.
 
     A weight of 0 skips its term's computation (its entry is then a constant 0). Returns
     ``{"loss", "loss/cls", "loss/patch", "loss/attn"}``.

@@ -24,7 +24,7 @@ from distortkd.distortions import Distortion, sample_seeds
 from distortkd.errors import UserError, unknown
 from distortkd.losses import attention_kl
 from distortkd.steps import distill_loss, supervised_loss
-from distortkd.vit import Encoder, FrozenTeacher
+from distortkd.vit import Encoder, FrozenTeacher, ToTeacher
 
 
 class NonFiniteLossError(RuntimeError):
@@ -151,7 +151,8 @@ class DistillModule(_Base):
     """Frozen teacher on clean crops, trainable student on the same crops distorted; no labels.
 
     Args:
-        student: trainable encoder (same architecture and start weights as ``teacher``).
+        student: trainable encoder (the paper: same architecture and start weights as ``teacher``;
+            or a smaller one, whose features ``to_teacher`` maps into the teacher's token space).
         teacher: encoder to freeze.
         distortion: applied on the device to the student's input.
         loss_fn: ``multilevel_loss``-like function (``Features`` in) or, with ``contrastive``,
@@ -179,6 +180,10 @@ class DistillModule(_Base):
                          cosine_period=cosine_period)
         self.student = student
         self.teacher = FrozenTeacher(teacher)
+        # Trained with the student, kept in the run's checkpoints (a resume needs it), never in an
+        # export (``load_encoder_weights`` reads ``student.backbone.*`` only). No parameters and a
+        # no-op when student and teacher share width and grid.
+        self.to_teacher = ToTeacher.between(student, teacher)
         self.distortion, self.loss_fn = distortion, loss_fn
         self.with_attn, self.contrastive = with_attn and student.is_vit, contrastive
         self.step_fn = torch.compile(distill_loss) if compile else distill_loss
@@ -190,7 +195,7 @@ class DistillModule(_Base):
         if self.empty(batch):
             return None
         out = self.step_fn(self.student, self.teacher, self.distortion, self.loss_fn, batch["image"],
-                           None, self.with_attn, self.contrastive)
+                           None, self.with_attn, self.contrastive, self.to_teacher)
         self.check_finite(out["loss"])
         self.log_dict({f"train/{k}": v for k, v in out.items() if k != "loss"})
         self.log("train/loss", out["loss"], prog_bar=True)
@@ -201,9 +206,9 @@ class DistillModule(_Base):
             return
         images, seeds = batch["image"], self.seeds(batch)
         distorted = self.distortion(images, seeds)
-        vit = self.student.is_vit
+        vit = self.student.is_vit and self.teacher.encoder.is_vit  # attention taps need both
         t = self.teacher.features(images, with_attn=vit)
-        s = self.student.features(distorted, with_attn=vit)
+        s = self.to_teacher(self.student.features(distorted, with_attn=vit))  # in the teacher's space
         # The untouched teacher on distorted input: where the student started from.
         base = self.teacher.features(distorted, with_attn=vit)
         out = self.loss_fn(s.cls, t.cls) if self.contrastive else self.loss_fn(s, t)

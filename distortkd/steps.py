@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distortkd.distortions import Distortion
-from distortkd.vit import Encoder, FrozenTeacher
+from distortkd.vit import Encoder, FrozenTeacher, ToTeacher
 
 
 def distill_loss(
@@ -25,20 +25,25 @@ def distill_loss(
     seeds: Tensor | None = None,
     with_attn: bool = True,
     contrastive: bool = False,
+    to_teacher: ToTeacher | None = None,
 ) -> dict[str, Tensor]:
     """Teacher on the clean crop, student on the same crop distorted, then the loss terms.
 
     Args:
-        images: clean ``[B, C, H, W]`` in ``[0, 1]``, already on the device.
+        images: clean ``[B, C, H, W]`` in ``[0, 1]`` at the student's resolution, already on the
+            device (the teacher resizes its copy to its own).
         seeds: ``[B]`` per-sample seeds (validation) or None (training: global generator).
         with_attn: compute the attention taps (False when the attention weight is 0).
         contrastive: ``loss_fn`` takes pooled embeddings (Contrastive Inversion), not ``Features``.
+        to_teacher: maps the student's features to the teacher's width and patch grid (a student
+            smaller than its teacher); None or an identity one for the same architecture.
     """
     distorted = distortion(images, seeds)
     if contrastive:
         return loss_fn(student(distorted), teacher(images))
     target = teacher.features(images, with_attn=with_attn)
-    return loss_fn(student.features(distorted, with_attn=with_attn), target)
+    feats = student.features(distorted, with_attn=with_attn)
+    return loss_fn(feats if to_teacher is None else to_teacher(feats), target)
 
 
 def supervised_loss(

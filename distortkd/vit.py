@@ -118,6 +118,11 @@ class Encoder(nn.Module):
         """Patch grid ``(rows, cols)`` of a ViT, to reshape ``[B, N, ...]`` into maps."""
         return tuple(self.backbone.patch_embed.grid_size)
 
+    @property
+    def img_size(self) -> tuple[int, int] | None:
+        """Input ``(height, width)`` in pixels a ViT was built for; None for other models."""
+        return tuple(self.backbone.patch_embed.img_size) if self.is_vit else None
+
 
 def _in_chans(model: nn.Module) -> int:
     """Input channels, read off the first convolution (the pretrained cfg ignores ``in_chans=``)."""
@@ -193,12 +198,87 @@ def build_vit(name: str, pretrained: bool = True, weights_file: str | None = Non
     return enc
 
 
+def resize_images(images: Tensor, size: tuple[int, int] | None) -> Tensor:
+    """``[0, 1]`` images ``[B, C, H, W]`` resized to ``size`` (bilinear, antialiased as the data's
+    ``v2.Resize``; its weights are non-negative, so values stay in ``[0, 1]``); unchanged when
+    ``size`` is None or already theirs."""
+    if size is None or tuple(images.shape[-2:]) == tuple(size):
+        return images
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def resample_tokens(x: Tensor, grid: tuple[int, int], size: tuple[int, int]) -> Tensor:
+    """Tokens ``[B, N, C]`` on a row-major ``grid`` resampled to ``size`` ``(Gh, Gw)``: ``[B, Gh·Gw, C]``.
+
+    Bilinear (``align_corners=False``: token centres, as the patches sit in the image; antialiased
+    when shrinking, so a coarser grid averages the tokens it covers instead of skipping some).
+    Unchanged when the grids are equal.
+    """
+    if tuple(grid) == tuple(size):
+        return x
+    maps = x.transpose(1, 2).unflatten(-1, tuple(grid))  # [B, C, gh, gw]
+    out = F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+    return out.flatten(2).transpose(1, 2)
+
+
+class ToTeacher(nn.Module):
+    """Maps a student's ``Features`` into its teacher's token space (a student smaller than its teacher).
+
+    - Width: one learned ``nn.Linear(student_dim, teacher_dim)`` for the CLS and the patch tokens
+      (both leave the same final norm, so one map serves both, as FitNets' regressor); trained with
+      the student, dropped at export. ``nn.Identity`` (no parameters) when the widths match.
+    - Grid: patch tokens and attention logits are resampled bilinearly (``resample_tokens``) from
+      the student's patch grid to the teacher's, so every loss term compares the teacher's N patches.
+      The attention is resampled as *logits*: pre-softmax values stay what the loss expects, and
+      interpolating logits interpolates the distributions geometrically (softmax keeps them valid,
+      no renormalisation). Linear maps commute, so resampling before projecting gives the same tokens.
+    - Heads: left as they are; ``losses.attention_kl`` compares head-averaged distributions when
+      the head counts differ.
+
+    Same width and grid: ``forward`` returns its input itself, so the paper's setting is untouched.
+    """
+
+    def __init__(self, student_dim: int, teacher_dim: int, student_grid: tuple[int, int] | None = None,
+                 teacher_grid: tuple[int, int] | None = None):
+        super().__init__()
+        self.proj = nn.Identity() if student_dim == teacher_dim else nn.Linear(student_dim, teacher_dim)
+        self.student_grid, self.teacher_grid = student_grid, teacher_grid
+        self.resample = student_grid is not None and tuple(student_grid) != tuple(teacher_grid)
+
+    @classmethod
+    def between(cls, student: Encoder, teacher: Encoder) -> ToTeacher:
+        """The map from ``student``'s features to ``teacher``'s (grids only when both are ViTs)."""
+        vits = student.is_vit and teacher.is_vit
+        return cls(student.embed_dim, teacher.embed_dim, student.grid if vits else None,
+                   teacher.grid if vits else None)
+
+    @property
+    def identity(self) -> bool:
+        return isinstance(self.proj, nn.Identity) and not self.resample
+
+    def forward(self, f: Features) -> Features:
+        if self.identity:
+            return f
+        patches, attn = f.patches, f.attn
+        if self.resample:
+            patches = None if patches is None else resample_tokens(patches, self.student_grid, self.teacher_grid)
+            attn = None if attn is None else resample_tokens(
+                attn.transpose(1, 2), self.student_grid, self.teacher_grid).transpose(1, 2)
+        return Features(cls=self.proj(f.cls), patches=None if patches is None else self.proj(patches), attn=attn)
+
+
 class FrozenTeacher(nn.Module):
-    """A frozen encoder: no gradients, always in eval mode, forward under ``torch.no_grad()``."""
+    """A frozen encoder: no gradients, always in eval mode, forward under ``torch.no_grad()``.
+
+    Every batch is resized to the teacher's own input size (``resize_images``) before it is
+    normalised: the data is made at the student's resolution, and a teacher of another resolution
+    (a ViT-B/16 at 224 px teaching a student at 112 px) sees it at its own. A no-op when they match.
+    """
 
     def __init__(self, encoder: Encoder):
         super().__init__()
         self.encoder = encoder.requires_grad_(False).eval()
+        self.img_size = encoder.img_size
 
     def train(self, mode: bool = True) -> FrozenTeacher:
         # Lightning calls .train() on the whole module each epoch; dropout/drop-path must stay off.
@@ -206,8 +286,8 @@ class FrozenTeacher(nn.Module):
 
     @torch.no_grad()
     def features(self, images: Tensor, with_attn: bool = True) -> Features:
-        return self.encoder.features(images, with_attn)
+        return self.encoder.features(resize_images(images, self.img_size), with_attn)
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
-        return self.encoder(images)
+        return self.encoder(resize_images(images, self.img_size))

@@ -119,3 +119,63 @@ def test_cnn_encoder_keeps_clip_projection():
     assert enc(torch.rand(2, 3, 64, 64)).shape == (2, 16) and enc.embed_dim == 16
     f = enc.features(torch.rand(2, 3, 64, 64))
     assert f.patches is None and f.attn is None
+
+
+# --- a student smaller than its teacher: the map into the teacher's token space -------------
+
+WIDE_TEACHER = dict(img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3)
+
+
+def test_resample_tokens_keeps_row_major_layout():
+    """Each output token comes from its own place on the grid: a token's (row, col) code moves with it."""
+    from distortkd.vit import resample_tokens
+
+    rows, cols = torch.meshgrid(torch.arange(4.0), torch.arange(3.0), indexing="ij")
+    tokens = torch.stack([rows, cols], -1).reshape(1, 12, 2)  # [B, N, C], row-major 4x3
+    out = resample_tokens(tokens, (4, 3), (8, 6)).reshape(8, 6, 2)
+    assert torch.allclose(out[..., 0], out[:, :1, 0].expand(8, 6))  # row code constant along a row
+    assert torch.allclose(out[..., 1], out[:1, :, 1].expand(8, 6))  # col code constant along a column
+    assert (out[1:, 0, 0] >= out[:-1, 0, 0]).all() and out[0, 0, 0] == 0 and out[-1, 0, 0] == 3
+    flat = torch.randn(2, 12, 5)
+    assert resample_tokens(flat, (4, 3), (4, 3)) is flat  # same grid: untouched
+    const = torch.full((2, 16, 5), 0.7)
+    assert torch.allclose(resample_tokens(const, (4, 4), (2, 2)), torch.full((2, 4, 5), 0.7))
+
+
+def test_to_teacher_projects_and_resamples(tiny_vit):
+    from distortkd.vit import ToTeacher
+
+    teacher = build_vit("vit_tiny_patch16_224", pretrained=False, **WIDE_TEACHER)
+    to_teacher = ToTeacher.between(tiny_vit, teacher)
+    s = tiny_vit.features(torch.rand(2, 3, 32, 32))
+    out = to_teacher(s)
+    t = teacher.features(torch.rand(2, 3, 32, 32))
+    assert out.cls.shape == t.cls.shape == (2, 48) and out.patches.shape == t.patches.shape == (2, 64, 48)
+    assert out.attn.shape == (2, 2, 64) and t.attn.shape == (2, 3, 64)  # student heads, teacher patches
+    assert isinstance(to_teacher.proj, torch.nn.Linear)
+    # Projection and resampling commute (both linear; bilinear weights sum to 1, so the bias passes).
+    from distortkd.vit import resample_tokens
+    direct = to_teacher.proj(resample_tokens(s.patches, (4, 4), (8, 8)))
+    assert torch.allclose(out.patches, direct, atol=1e-5)
+
+
+def test_to_teacher_is_identity_for_the_same_architecture(tiny_vit):
+    from distortkd.vit import ToTeacher
+
+    to_teacher = ToTeacher.between(tiny_vit, tiny_vit)
+    feats = tiny_vit.features(torch.rand(2, 3, 32, 32))
+    assert to_teacher(feats) is feats and not list(to_teacher.parameters()) and not to_teacher.state_dict()
+
+
+def test_frozen_teacher_sees_its_own_resolution(tiny_vit):
+    """Data at the student's 32 px; a 64 px teacher gets the same batch resized (bilinear, antialias)."""
+    import torch.nn.functional as F
+
+
+    big = build_vit("vit_tiny_patch16_224", pretrained=False, **{**WIDE_TEACHER, "img_size": 64})
+    teacher, images = FrozenTeacher(big), torch.rand(2, 3, 32, 32)
+    resized = F.interpolate(images, size=(64, 64), mode="bilinear", align_corners=False, antialias=True)
+    assert torch.equal(teacher.features(images).cls, big.features(resized).cls)
+    assert torch.equal(teacher(images), big(resized))
+    same = FrozenTeacher(tiny_vit)  # its own size: the batch is passed as it is
+    assert torch.equal(same.features(images).cls, tiny_vit.features(images).cls)
