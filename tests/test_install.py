@@ -30,7 +30,7 @@ USER_CHOICES = ["data=mydata", "distortion=mydist", "model=mymodel", "experiment
 
 def _pip(*args: str) -> None:
     # --no-index: nothing is fetched; --no-build-isolation builds with the venv's own setuptools
-    # (always there: torch requires it)
+    # (always there: the pinned torch requires setuptools >= 77, which builds wheels on its own)
     subprocess.run([sys.executable, "-m", "pip", "-q", *args, "--no-deps", "--no-index"],
                    check=True, capture_output=True)
 
