@@ -97,6 +97,7 @@ def test_installed_copy_is_the_one_imported(site, tmp_path):
     assert (files[1].parent / "conf" / "distill.yaml").is_file()
 
 
+@pytest.mark.slow  # a whole training run: ~6 s on an idle 2-core VM, 17 s under load
 def test_installed_console_script_runs_from_an_empty_folder(site, tmp_path):
     done = _installed(site, tmp_path, [str(site / "bin" / "distortkd-distill"), "experiment=test", *TINY])
     assert done.returncode == 0, done.stderr[-2000:]
@@ -105,6 +106,7 @@ def test_installed_console_script_runs_from_an_empty_folder(site, tmp_path):
     assert list((tmp_path / "cwd").iterdir()) == []  # Hydra wrote nothing into the working folder
 
 
+@pytest.mark.slow  # a whole training run: ~6 s on an idle 2-core VM, 17 s under load
 def test_user_config_dir_composes_with_ours(site, tmp_path):
     user = _user_dir(tmp_path)
     done = _installed(site, tmp_path, [str(site / "bin" / "distortkd-distill"),
