@@ -50,7 +50,7 @@ FINETUNE := DISTORTKD_RUNS=$(RUNS) $(BIN)/distortkd-finetune -m
 EVALUATE := DISTORTKD_RUNS=$(RUNS) $(BIN)/distortkd-evaluate -m
 REPORT := $(BIN)/distortkd-report
 # Contrastive Inversion cells. Its students train with its own recipe (optim=ci: Adam 3e-4, no weight
-# decay, cosine stepped per epoch; conf/optim/ci.yaml) and its symmetric InfoNCE (conf/loss/contrastive.yaml);
+# decay, cosine stepped per epoch; distortkd/conf/optim/ci.yaml) and its symmetric InfoNCE (distortkd/conf/loss/contrastive.yaml);
 # CI_OPTIM=distill trains them with ours instead (equal budget; use another RUNS= so both are kept).
 # Fine-tuning follows the one protocol shared by every method (optim=finetune).
 CI_OPTIM ?= ci

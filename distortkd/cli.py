@@ -43,7 +43,8 @@ from distortkd.modules import (
 )
 from distortkd.training import last_validated_step, make_trainer, resumable
 
-CONF = str(Path(__file__).resolve().parent.parent / "conf")
+# Inside the package, so an installed wheel carries its configs (pyproject.toml package-data).
+CONF = str(Path(__file__).resolve().parent / "conf")
 # The supervised baseline starts from the pretrained weights; ours and CI from a distilled student.
 OmegaConf.register_new_resolver(
     "init_for", lambda method: "pretrained" if method == "supervised" else "auto", replace=True

@@ -17,7 +17,7 @@ from distortkd.checkpoints import load_checkpoint
 from distortkd.errors import UserError
 from distortkd.modules import FinetuneModule, load_encoder_weights
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+CONF = Path(cli.CONF)
 MODEL = OmegaConf.load(CONF / "model" / "vit_tiny_test.yaml")
 CLASSES = 3
 

@@ -19,11 +19,11 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from distortkd import data, sources
+from distortkd import cli, data, sources
 from distortkd.data import DATASETS, ImageDataModule, resized_crop
 from distortkd.errors import UserError
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
+CONF = Path(cli.CONF) / "data"
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 CMC = (Path(data.__file__).parent / "imagenet100_classes.txt").read_text().split()
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer",

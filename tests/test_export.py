@@ -13,12 +13,12 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image, ImageOps
 
-from distortkd import embed, export
+from distortkd import cli, embed, export
 from distortkd.errors import UserError
 from distortkd.modules import architecture
 from distortkd.vit import build_vit
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+CONF = Path(cli.CONF)
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 MEAN, STD = (0.1, 0.2, 0.3), (0.4, 0.5, 0.6)  # not the timm default (0.5, 0.5, 0.5)
 METRICS = {"val/cos_clean": 0.9123, "val/cos_clean_baseline": 0.6543, "status": "ok"}
