@@ -42,6 +42,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch import Tensor, nn
 
+from distortkd import CONF
 from distortkd.bench import (
     DTYPES,
     Bench,
@@ -52,7 +53,6 @@ from distortkd.bench import (
     train_step,
 )
 from distortkd.build import build_distortion, build_loss
-from distortkd.cli import CONF
 from distortkd.errors import UserError
 from distortkd.rundir import finite_json, write_json
 from distortkd.steps import distill_loss, supervised_loss

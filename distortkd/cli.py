@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from distortkd import rundir
+from distortkd import CONF, rundir
 from distortkd.build import (
     build_distortion,
     build_loss,
@@ -43,8 +43,6 @@ from distortkd.modules import (
 )
 from distortkd.training import last_validated_step, make_trainer, resumable
 
-# Inside the package, so an installed wheel carries its configs (pyproject.toml package-data).
-CONF = str(Path(__file__).resolve().parent / "conf")
 # The supervised baseline starts from the pretrained weights; ours and CI from a distilled student.
 OmegaConf.register_new_resolver(
     "init_for", lambda method: "pretrained" if method == "supervised" else "auto", replace=True

@@ -78,7 +78,7 @@ class _Base(L.LightningModule):
     once per epoch (``"epoch"``). ``cosine_period="run"`` spreads the cosine over the whole run;
     ``"steps_per_epoch"`` makes its length the number of optimizer steps in one epoch, counted in
     scheduler steps: Contrastive Inversion's ``CosineAnnealingLR(T_max=126689 // (batch_size *
-    gpus))`` stepped once per epoch (see ``conf/optim/ci.yaml``).
+    gpus))`` stepped once per epoch (see ``distortkd/conf/optim/ci.yaml``).
     """
 
     def __init__(self, optimizer: Callable, warmup: float, eval_seed: int, min_lr_ratio: float = 0.0,
