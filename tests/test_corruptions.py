@@ -299,6 +299,13 @@ def test_elastic_affine_is_identity_without_jitter_and_smoothing_keeps_constants
     )
     # σ of 170 px on 28 px: the folded reflect index still gives a normalised filter
     assert torch.allclose(EX._smooth(torch.full((1, 28, 28), 0.3), 170.8, 3.0), torch.tensor(0.3))
+    # a kernel wider than the row: numpy's 'symmetric' pad (= scipy 'reflect') folds repeatedly
+    row = np.random.default_rng(0).random(7)
+    half, sigma = 12, 4.0
+    taps = np.exp(-0.5 * (np.arange(-half, half + 1) / sigma) ** 2)
+    ref = np.convolve(np.pad(row, half, mode="symmetric"), taps / taps.sum(), mode="valid")
+    out = EX._smooth(torch.tensor(row)[None, None, :].expand(1, 1, 7).double(), sigma, 3.0)
+    assert np.allclose(out[0, 0].numpy(), ref)
     shifted = EX._affine_points(40, 30, torch.full((1, 3, 2), 2.0))
     assert torch.allclose(shifted[0, :, 2], torch.tensor([-2.0, -2.0], dtype=torch.float64))
 
