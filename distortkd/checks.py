@@ -21,7 +21,7 @@ from distortkd.modules import check_schedule
 METHODS = ("ours", "supervised", "ci")
 FINETUNE_MODES = ("full", "linear", "knn")
 TEST_CKPTS = ("last", "best")
-SUITES = ("paper", "heldout")
+SUITES = ("paper", "heldout", "cifar10c", "cifar100c", "imagenet_c")  # the last: benchmarks.BENCHMARKS
 
 
 def _number(value) -> bool:
@@ -109,6 +109,10 @@ def check_finetune(cfg: DictConfig) -> None:
 
 def check_evaluate(cfg: DictConfig) -> None:
     _require(cfg.suite in SUITES, "suite", cfg.suite, ", ".join(SUITES))
+    if cfg.suite not in ("paper", "heldout"):  # the published files' layout, before any work
+        from distortkd.benchmarks import stored_cells
+
+        stored_cells(cfg)
     accepted = ("identity", "mixed", *distortions.SEVERITY_PARAM)
     for family in cfg.families:
         if family not in accepted:
