@@ -127,7 +127,7 @@ class StoredCells:
     """
 
     def __init__(self, suite: str, path: str | None, dataset: str, extra: bool, in_chans: int = 3):
-        self.bench, self.suite, self.in_chans = BENCHMARKS[suite], suite, in_chans
+        self.bench, self.in_chans = BENCHMARKS[suite], in_chans
         if dataset != self.bench.dataset:
             raise UserError(f"suite={suite} corrupts the {self.bench.dataset} test split; got "
                             f"data={dataset}; accepted: data={self.bench.dataset}")
@@ -141,7 +141,7 @@ class StoredCells:
         if self.bench.layout == "npy":
             self.labels = self._npy_labels()
             self._check_npy_lengths()
-        else:  # a cell's files are listed when it is read: ImageNet-C holds 2.5M of them
+        else:  # a cell's files are listed when it is read: ImageNet-C holds ~4M of them
             self.classes = {w: i for i, w in enumerate(_class_list(dataset))}
 
     def _check_missing(self) -> None:
@@ -160,7 +160,7 @@ class StoredCells:
                             f"found: {_listing(found) or 'nothing'}{hint}")
 
     def _npy_labels(self) -> np.ndarray:
-        labels = np.load(self.root / "labels.npy")
+        labels = _load(self.root / "labels.npy")
         if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
             raise UserError(f"{self.root / 'labels.npy'} holds {labels.dtype} {list(labels.shape)}; "
                             "accepted: integer labels [N] or [5 N]")
@@ -171,7 +171,7 @@ class StoredCells:
 
     def _images(self, name: str) -> np.ndarray:
         """``<name>.npy`` memory-mapped: uint8 ``[5 N, H, W, C]`` (a cell reads only its block)."""
-        return np.load(self.root / f"{name}.npy", mmap_mode="r")
+        return _load(self.root / f"{name}.npy", mmap_mode="r")
 
     def _check_npy_lengths(self) -> None:
         for name in self.names:
@@ -255,6 +255,15 @@ def stored_cells(cfg) -> StoredCells | None:
     if not isinstance(extra, bool):
         raise UserError(f"benchmark.extra={extra!r} is not accepted; accepted: true, false")
     return StoredCells(cfg.suite, cfg.benchmark.path, cfg.data.name, extra, cfg.model.in_chans)
+
+
+def _load(file: Path, mmap_mode: str | None = None) -> np.ndarray:
+    """A ``.npy`` file; one that numpy cannot read (cut off, not .npy, pickled) is a ``UserError``."""
+    try:
+        return np.load(file, mmap_mode=mmap_mode, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise UserError(f"{file} is not a readable .npy array ({' '.join(str(err).split())[:120]}); "
+                        "re-download it") from None
 
 
 def _listing(items: list[str], most: int = 20) -> str:

@@ -58,8 +58,7 @@ def _cifar_c(folder: Path, names=BENCHMARK_CORRUPTIONS, length: int = 5 * N, cla
 
 
 def _evaluate(root: Path, args: list[str], suite: str, path: Path) -> tuple:
-    cfg = _compose("evaluate", [*args, f"suite={suite}", f"benchmark.path={path}", "benchmark.extra=false",
-                                "diagnostics.teacher=false"], root)
+    cfg = _compose("evaluate", [*args, f"suite={suite}", f"benchmark.path={path}", "benchmark.extra=false"], root)
     check_config(cfg, build_distortion)
     metrics = cli.run_evaluate(cfg, root / "eval")
     return cfg, metrics
@@ -83,6 +82,7 @@ def test_cifar10c_every_cell_reads_its_severity_block(cifar, tmp_path):
     rows = metrics["rows"]
     assert [(r["distortion"], r["severity"]) for r in rows] == benchmarks.cells(False)
     assert metrics["suite"] == "cifar10c" and metrics["benchmark/skipped_images"] == 0
+    assert "cos_cls" not in rows[0]  # no clean twin of a stored image: no teacher diagnostics
     # Independently: the model on the stored uint8 block of each severity, first-K images, labels.npy.
     model, labels, keep = _model(cfg, 10), np.load(folder / "labels.npy"), first_k(np.arange(N), LIMIT, 0)
     for row in rows[:10] + rows[-5:]:
@@ -168,6 +168,10 @@ def test_layout_errors_are_one_line_naming_the_bad_file(tmp_path):
     bad = _cifar_c(tmp_path / "c10bad", classes=10)
     np.save(bad / "labels.npy", np.full(5 * N, 10, np.int64))
     with pytest.raises(UserError, match=r"labels in \[10, 10\]; accepted for CIFAR-10-C: 0..9"):
+        _check(tmp_path, "cifar10c", bad)
+    np.save(bad / "labels.npy", np.zeros(5 * N, np.int64))
+    (bad / "snow.npy").write_bytes(b"not an array")
+    with pytest.raises(UserError, match=r"snow.npy is not a readable .npy array"):
         _check(tmp_path, "cifar10c", bad)
     with pytest.raises(UserError, match=r"suite=cifar100c corrupts the cifar100 test split; got data=cifar10"):
         _check(tmp_path, "cifar100c", full)
