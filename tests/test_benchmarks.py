@@ -82,6 +82,7 @@ def test_cifar10c_every_cell_reads_its_severity_block(cifar, tmp_path):
     rows = metrics["rows"]
     assert [(r["distortion"], r["severity"]) for r in rows] == benchmarks.cells(False)
     assert metrics["suite"] == "cifar10c" and metrics["benchmark/skipped_images"] == 0
+    assert set(cli.promised(cfg)) <= set(metrics)  # what a finished run must store, it stores
     assert "cos_cls" not in rows[0]  # no clean twin of a stored image: no teacher diagnostics
     # Independently: the model on the stored uint8 block of each severity, first-K images, labels.npy.
     model, labels, keep = _model(cfg, 10), np.load(folder / "labels.npy"), first_k(np.arange(N), LIMIT, 0)
@@ -173,6 +174,9 @@ def test_layout_errors_are_one_line_naming_the_bad_file(tmp_path):
     (bad / "snow.npy").write_bytes(b"not an array")
     with pytest.raises(UserError, match=r"snow.npy is not a readable .npy array"):
         _check(tmp_path, "cifar10c", bad)
+    with pytest.raises(UserError, match=r"suite='cifar10-c' is not accepted; accepted: paper, heldout, "
+                                        r"cifar10c, cifar100c, imagenet_c$"):
+        _check(tmp_path, "cifar10-c", full)
     with pytest.raises(UserError, match=r"suite=cifar100c corrupts the cifar100 test split; got data=cifar10"):
         _check(tmp_path, "cifar100c", full)
 
