@@ -129,7 +129,7 @@ class StoredCells:
     def __init__(self, suite: str, path: str | None, dataset: str, extra: bool, in_chans: int = 3):
         self.bench, self.in_chans = BENCHMARKS[suite], in_chans
         if dataset != self.bench.dataset:
-            raise UserError(f"suite={suite} corrupts the {self.bench.dataset} test split; got "
+            raise UserError(f"suite={suite!r} corrupts the {self.bench.dataset} test split; got "
                             f"data={dataset}; accepted: data={self.bench.dataset}")
         if path is None or not Path(path).expanduser().is_dir():
             raise UserError(f"benchmark.path={path!r} is not a folder; accepted: the {self.bench.title} "

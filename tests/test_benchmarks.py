@@ -177,7 +177,7 @@ def test_layout_errors_are_one_line_naming_the_bad_file(tmp_path):
     with pytest.raises(UserError, match=r"suite='cifar10-c' is not accepted; accepted: paper, heldout, "
                                         r"cifar10c, cifar100c, imagenet_c$"):
         _check(tmp_path, "cifar10-c", full)
-    with pytest.raises(UserError, match=r"suite=cifar100c corrupts the cifar100 test split; got data=cifar10"):
+    with pytest.raises(UserError, match=r"suite='cifar100c' corrupts the cifar100 test split; got data=cifar10"):
         _check(tmp_path, "cifar100c", full)
 
 
