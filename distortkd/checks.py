@@ -14,6 +14,7 @@ import numbers
 from omegaconf import DictConfig, OmegaConf
 
 from distortkd import distortions
+from distortkd.benchmarks import BENCHMARKS, stored_cells
 from distortkd.errors import UserError, unknown
 from distortkd.losses import CONTRASTIVE_VARIANTS, LOSSES
 from distortkd.modules import check_schedule
@@ -21,7 +22,7 @@ from distortkd.modules import check_schedule
 METHODS = ("ours", "supervised", "ci")
 FINETUNE_MODES = ("full", "linear", "knn")
 TEST_CKPTS = ("last", "best")
-SUITES = ("paper", "heldout")
+SUITES = ("paper", "heldout", *BENCHMARKS)  # benchmarks: the published pre-corrupted files
 
 
 def _number(value) -> bool:
@@ -109,6 +110,7 @@ def check_finetune(cfg: DictConfig) -> None:
 
 def check_evaluate(cfg: DictConfig) -> None:
     _require(cfg.suite in SUITES, "suite", cfg.suite, ", ".join(SUITES))
+    stored_cells(cfg)  # a published benchmark's files: their layout, before any work
     accepted = ("identity", "mixed", *distortions.SEVERITY_PARAM)
     for family in cfg.families:
         if family not in accepted:

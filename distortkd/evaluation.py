@@ -14,7 +14,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from distortkd import distortions
+from distortkd import benchmarks, distortions
 from distortkd.checkpoints import load_checkpoint
 from distortkd.diagnostics import RepresentationMeter
 from distortkd.distortions import sample_seeds
@@ -24,13 +24,18 @@ from distortkd.vit import Encoder, FrozenTeacher
 
 
 def grid_cells(cfg: DictConfig) -> list[tuple[str, float, distortions.Distortion]]:
-    """``(name, severity, distortion)`` for every cell of the configured suite."""
+    """``(name, severity, distortion)`` for every cell of the configured suite. A published
+    benchmark's cells (``suite=cifar10c|cifar100c|imagenet_c``) read stored images: identity."""
     if cfg.suite == "heldout":
         from distortkd.corruptions import heldout_suite
 
         return [(c.name, c.severity, c) for c in heldout_suite(cfg.model.in_chans)]
+    if cfg.suite in benchmarks.BENCHMARKS:
+        identity = distortions.build("identity")
+        return [(name, level, identity) for name, level in benchmarks.cells(cfg.benchmark.extra)]
     if cfg.suite != "paper":
-        raise UserError(f"unknown evaluation suite {cfg.suite!r}; accepted: heldout, paper")
+        raise UserError(f"unknown evaluation suite {cfg.suite!r}; accepted: "
+                        f"{', '.join(sorted(['heldout', 'paper', *benchmarks.BENCHMARKS]))}")
     cells = []
     for family in cfg.families:
         if family in ("identity", "mixed"):
@@ -95,15 +100,21 @@ def evaluate_grid(cfg: DictConfig, run_dir: Path, build_model, checkpoint: Path)
     trainer = instantiate(trainer_cfg, logger=False, enable_checkpointing=False, callbacks=[],
                           enable_progress_bar=False, enable_model_summary=False)
     device = torch.device("cuda" if trainer_cfg["accelerator"] == "gpu" else "cpu")
+    stored = benchmarks.stored_cells(cfg)
+    # Stored cells have no clean twin batch to compare with: the teacher serves attention maps only.
+    wanted = cfg.diagnostics.teacher and (stored is None or cfg.attention.num_images)
     teacher = (FrozenTeacher(build_model(cfg.model, trust=cfg.get("trust_checkpoint", False))).to(device)
-               if cfg.diagnostics.teacher else None)
+               if wanted else None)
     rows, metrics = [], {}
     for name, severity, dist in grid_cells(cfg):
         module.distortion, module.test_prefix = dist, f"test/{name}/{severity:g}"
-        trainer.test(module, datamodule=datamodule, verbose=False)
+        if stored is None:
+            trainer.test(module, datamodule=datamodule, verbose=False)
+        else:
+            trainer.test(module, dataloaders=stored.loader(name, severity, datamodule), verbose=False)
         acc = float(trainer.callback_metrics[f"{module.test_prefix}/acc1"])
         row = {"distortion": name, "severity": severity, "acc1": acc}
-        if teacher is not None and module.encoder.is_vit:
+        if teacher is not None and module.encoder.is_vit and stored is None:
             module.to(device)
             row.update(diagnose(module.encoder, teacher, datamodule, dist, cfg.seed,
                                 cfg.diagnostics.max_batches, device))
@@ -112,8 +123,17 @@ def evaluate_grid(cfg: DictConfig, run_dir: Path, build_model, checkpoint: Path)
         print(f"{name:>18s} {severity:>6g}  acc1={acc:.4f}", flush=True)
     if cfg.attention.num_images and teacher is not None and module.encoder.is_vit:
         _save_attention(cfg, run_dir, module, teacher, datamodule, build_model, device)
-    return {**metrics, "rows": rows, "suite": cfg.suite,
+    extra = {} if stored is None else _benchmark_summary(stored)
+    return {**metrics, "rows": rows, "suite": cfg.suite, **extra,
             "mean_acc1": float(np.mean([r["acc1"] for r in rows])) if rows else float("nan")}
+
+
+def _benchmark_summary(stored: benchmarks.StoredCells) -> dict:
+    """What the run read besides its rows: the benchmark, and the images it skipped (said once)."""
+    if (line := stored.describe_skipped()) is not None:
+        print(line, flush=True)
+    return {"benchmark": stored.bench.title, "benchmark/skipped_images": sum(stored.skipped.values()),
+            "benchmark/skipped_class_folders": sorted(stored.skipped)}
 
 
 def _save_attention(cfg, run_dir, module, teacher, datamodule, build_model, device) -> None:
