@@ -130,3 +130,38 @@ def test_corruption_distils_end_to_end_through_the_cli(tmp_path):
                          env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
         "error: unknown distortion 'fog' in compose step 2; accepted: ")
+
+
+def _finished_run(root: Path, overrides: list[str], acc1: float) -> None:
+    """A finished fine-tune run folder, its config composed from the real configs (as the CLI writes)."""
+    from omegaconf import OmegaConf
+
+    cfg = _cfg("finetune", ["experiment=table1", *overrides])
+    run = root / cfg.run_name
+    run.mkdir(parents=True)
+    OmegaConf.save(cfg, run / "config.yaml", resolve=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    (run / "metrics.json").write_text(json.dumps({"status": "ok", "test/acc1": acc1, "config": resolved}))
+
+
+def test_report_labels_custom_distortions_by_name_and_never_pools_two_chains(tmp_path, capsys):
+    from distortkd import report
+
+    _finished_run(tmp_path, ["distortion=compose", "method=ours", "seed=0"], 0.5)
+    _finished_run(tmp_path, ["distortion=compose", "method=ours", "seed=1"], 0.7)
+    _finished_run(tmp_path, ["distortion=compose", "method=supervised", "seed=0"], 0.4)
+    _finished_run(tmp_path, ["distortion=noise_range", "method=ours", "seed=0"], 0.6)
+    # same name, another chain: its own row, not pooled with the first chain's seeds
+    _finished_run(tmp_path / "other", ["distortion=compose", "method=ours", "seed=0",
+                                       "distortion.params.steps.1.params.severity=5"], 0.1)
+    assert report.main([str(tmp_path), "--out", str(tmp_path / "out"), "--only", "table1"]) == 0
+    text = (tmp_path / "out" / "results.md").read_text()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in text.splitlines() if line.startswith("| ") and "---" not in line}
+    header = rows.pop("Distortion")
+    ours, supervised = header.index("Ours"), header.index("Supervised")
+    compose_rows = {k: v for k, v in rows.items() if k.startswith("compose")}
+    assert len(compose_rows) == 2, rows  # the two chains kept apart
+    assert sorted(v[ours] for v in compose_rows.values()) == ["10.0", "60.0 ± 14.1"]
+    assert any(v[supervised] == "40.0" for v in compose_rows.values())
+    assert rows["noise_range"][ours] == "60.0"
