@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from distortkd.distortions import DISTORTIONS, PLUGINS, PRESETS, Distortion, _Draw, build
@@ -60,9 +61,12 @@ class Compose(Distortion):
         object.__setattr__(self, "steps", tuple(build_step(i, s) for i, s in enumerate(steps)))
 
     def apply(self, images: Tensor, draw: _Draw) -> Tensor:
+        # Intermediates in float32 (or wider): rounding to bf16 between steps would shift e.g. a
+        # shot-noise sample by a whole photon and change what the JPEG step quantises.
+        x = images.to(torch.promote_types(images.dtype, torch.float32))
         for k, step in enumerate(self.steps):
-            images = step.apply(images, draw.split(k, images))
-        return images
+            x = step.apply(x, draw.split(k, x))
+        return x.to(images.dtype)
 
     @property
     def severity(self) -> float:

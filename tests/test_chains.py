@@ -165,3 +165,14 @@ def test_report_labels_custom_distortions_by_name_and_never_pools_two_chains(tmp
     assert sorted(v[ours] for v in compose_rows.values()) == ["10.0", "60.0 ± 14.1"]
     assert any(v[supervised] == "40.0" for v in compose_rows.values())
     assert rows["noise_range"][ours] == "60.0"
+
+
+@pytest.mark.parametrize(("dtype", "eps"), [(torch.bfloat16, 2.0**-8), (torch.float16, 2.0**-11)])
+def test_low_precision_chain_rounds_once_at_the_end(images, dtype, eps):
+    """Steps run in float32: the result is the float32 chain's, rounded once to the input dtype."""
+    chain = build.build_distortion(_cfg("distill", ["distortion=compose"]).distortion)
+    seeds = torch.arange(6)
+    low = images.to(dtype)
+    out = chain(low, seeds)
+    assert out.dtype == dtype
+    assert (out.float() - chain(low.float(), seeds)).abs().max() <= eps
