@@ -6,12 +6,16 @@ autocast too) and returns a tensor of the same shape and dtype. Severities are i
 
 ``Distortion(images, seeds=None)``: without ``seeds`` randomness comes from torch's global generator
 (training). With ``seeds`` (``[B]`` int64), the output is a pure function of (image, seed): random
-numbers come from a counter-based hash of (seed, element index), so the same validation image gets
-the same corruption in every epoch, run, process and batch composition.
+numbers come from a counter-based hash of (seed, element index) (``distortkd.draws``), so the same
+validation image gets the same corruption in every epoch, run, process and batch composition.
+
+A mask ratio, noise σ or blur σ may be a range ``[low, high]``: one uniform draw per sample, the
+draw ``Mixed`` makes. Chains of distortions: ``distortkd.chains`` (family ``compose``).
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import numbers
 from collections.abc import Sequence
@@ -20,63 +24,8 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import Tensor
 
+from distortkd.draws import _Draw, _hash32, _unit, sample_seeds, step_seeds  # noqa: F401  (re-exported)
 from distortkd.errors import UserError, unknown
-
-_M32 = 0xFFFFFFFF
-
-
-def _hash32(x: Tensor) -> Tensor:
-    """Chris Wellons' 'lowbias32' integer hash on int64 tensors holding values in ``[0, 2**32)``.
-
-    Written by hand because torch has no counter-based RNG that takes a per-row seed tensor;
-    int64 products wrap, and masking keeps exactly the low 32 bits the hash is defined on.
-    """
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _M32
-    return x ^ (x >> 16)
-
-
-def _unit(x: Tensor) -> Tensor:
-    """32-bit hash values ``[0, 2**32)`` to float32 uniforms strictly inside (0, 1).
-
-    The top 23 bits k give ``(k + 0.5) / 2**23``: k + 0.5 fits float32's 24-bit significand, so every
-    value is exact, from 2**-24 to 1 - 2**-24, symmetric about 1/2. With 24 bits, ``k + 0.5`` rounds
-    to an integer above 2**23 and the top value to 2**24, i.e. exactly 1.0: ndtri(1) = inf, seeded
-    Gaussian noise was ±inf (NaN at σ 0) for ~1 % of 224-px images.
-    """
-    return ((x >> 9).float() + 0.5) * 2.0**-23
-
-
-class _Draw:
-    """Per-sample random numbers for a batch: global generator, or hashed from per-sample seeds."""
-
-    def __init__(self, images: Tensor, seeds: Tensor | None):
-        self.batch, self.device = images.shape[0], images.device
-        self.seeds = None
-        if seeds is not None:
-            seeds = torch.as_tensor(seeds, device=self.device).long().reshape(-1)
-            if seeds.numel() != self.batch:
-                raise UserError(f"seeds has {seeds.numel()} entries for a batch of {self.batch}")
-            self.seeds = _hash32((seeds & _M32) ^ _hash32((seeds >> 32) & _M32))
-
-    def uniform(self, *shape: int, stream: int) -> Tensor:
-        """Uniform floats in the open interval (0, 1), shape ``[B, *shape]``, float32."""
-        if self.seeds is None:
-            # torch.rand can return exactly 0; keep the interval open for ndtri and log.
-            return torch.rand(self.batch, *shape, device=self.device).clamp_min_(2.0**-25)
-        n = math.prod(shape)
-        idx = torch.arange(n, device=self.device, dtype=torch.long)
-        key = _hash32((idx + stream * 0x9E3779B9) & _M32)
-        x = _hash32(_hash32(key[None, :] ^ self.seeds[:, None]))
-        return _unit(x).reshape(self.batch, *shape)
-
-    def normal(self, *shape: int, stream: int) -> Tensor:
-        """Standard normal floats, shape ``[B, *shape]``, float32."""
-        if self.seeds is None:
-            return torch.randn(self.batch, *shape, device=self.device)
-        return torch.special.ndtri(self.uniform(*shape, stream=stream))
 
 
 def _is_real(value) -> bool:
@@ -155,6 +104,25 @@ def _odd_kernel(sigma: float | Tensor) -> Tensor | int:
     return 2 * round(2 * sigma) + 1
 
 
+def _uniform_severity(draw: _Draw, lo: float | Tensor, hi: float | Tensor) -> Tensor:
+    """One severity per sample ``[B]``, uniform in ``[lo, hi]`` (numbers, or ``[B]`` per sample)."""
+    return lo + (hi - lo) * draw.uniform(1, stream=4).squeeze(1)
+
+
+def _per_sample(value: float | tuple, draw: _Draw) -> float | Tensor:
+    """A fixed severity as is; a ``(low, high)`` range as one uniform draw per sample ``[B, 1, 1, 1]``."""
+    return _uniform_severity(draw, *value).view(-1, 1, 1, 1) if isinstance(value, tuple) else value
+
+
+def _blur_per_sample(images: Tensor, sigma: Tensor, lo: float, hi: float, kernel_size: int | None = None) -> Tensor:
+    """Blur with one σ per sample ``[B]`` (pixels), σ in ``[lo, hi]``: a kernel of 4σ + 1 taps per
+    sample inside the width of ``hi``'s, or ``kernel_size`` taps for every sample."""
+    sigma = sigma.clamp_min(lo)  # in Mixed, samples drawn for other families carry other severities
+    width = int(_odd_kernel(hi)) if kernel_size is None else kernel_size
+    size = _odd_kernel(sigma) if kernel_size is None else kernel_size
+    return _separable_blur(images, _blur_kernel(size, sigma, width))
+
+
 def _mask(images: Tensor, ratio: float | Tensor, draw: _Draw) -> Tensor:
     """Zeroes each pixel (all channels) with probability ``ratio`` (a number or ``[B, 1, 1, 1]``)."""
     keep = draw.uniform(1, *images.shape[2:], stream=1) >= ratio
@@ -165,6 +133,39 @@ def _noise(images: Tensor, sigma: float | Tensor, draw: _Draw, clip: bool = True
     """Adds N(0, σ²) in pixel-value units (σ a number or ``[B, 1, 1, 1]``), then clamps."""
     noisy = images.float() + sigma * draw.normal(*images.shape[1:], stream=2)
     return (noisy.clamp(0.0, 1.0) if clip else noisy).to(images.dtype)
+
+
+def _numbers(value) -> list | None:
+    """``value`` as a list if it is a sequence of finite real numbers (not a string), else None."""
+    if isinstance(value, str) or not isinstance(value, Sequence) or not all(map(_is_real, value)):
+        return None
+    return list(value)
+
+
+def _range(value, family: str, name: str, lo: float, hi: float) -> tuple[float, float]:
+    pair = [value, value] if _is_real(value) else _numbers(value)
+    ok = pair is not None and len(pair) == 2 and lo <= pair[0] <= pair[1] <= hi
+    _require(ok, family, f"{name} range", value, f"a number or [low, high], {lo} <= low <= high <= {hi}")
+    return float(pair[0]), float(pair[1])
+
+
+# A family's severity parameter and the interval a per-sample range ``[low, high]`` of it must lie in
+# (mask ratio; noise σ in pixel values; blur σ in pixels). ``mixed`` draws from the same intervals.
+SEVERITY_RANGE = {"mask": ("ratio", 0.0, 0.999), "gaussian_noise": ("sigma", 0.0, 10.0),
+                  "gaussian_blur": ("sigma", 0.1, 100.0)}
+# The parameter that a family's one-number severity sets (figure 2's x-axis).
+SEVERITY_PARAM = {family: record[0] for family, record in SEVERITY_RANGE.items()}
+
+
+def _ranged(dist: Distortion, label: str) -> bool:
+    """Stores a list-valued severity parameter of ``dist`` as a checked ``(low, high)`` range (one
+    uniform draw per sample); False if it is one value, left to the caller to check."""
+    name, lo, hi = SEVERITY_RANGE[dist.family]
+    value = getattr(dist, name)
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        return False
+    object.__setattr__(dist, name, _range(value, label, name, lo, hi))
+    return True
 
 
 @dataclass(frozen=True)
@@ -198,86 +199,78 @@ class Identity(Distortion):
 class Mask(Distortion):
     """Drops each pixel with probability ``ratio``, the same pixels in every channel, set to 0."""
 
-    ratio: float = 0.75
+    ratio: float | tuple = 0.75
     family = "mask"
 
     def __post_init__(self):
-        _require(_is_real(self.ratio) and 0.0 <= self.ratio < 1.0, "mask", "ratio", self.ratio,
-                 "0 <= ratio < 1")
+        if not _ranged(self, "mask"):
+            _require(_is_real(self.ratio) and 0.0 <= self.ratio < 1.0, "mask", "ratio", self.ratio,
+                     "0 <= ratio < 1, or a range [low, high]")
 
     def apply(self, images: Tensor, draw: _Draw) -> Tensor:
-        return _mask(images, self.ratio, draw)
+        return _mask(images, _per_sample(self.ratio, draw), draw)
 
     @property
     def severity(self) -> float:
-        return self.ratio
+        return float("nan") if isinstance(self.ratio, tuple) else self.ratio
 
 
 @dataclass(frozen=True)
 class GaussianNoise(Distortion):
     """Adds N(0, σ²) in ``[0, 1]`` pixel units, then (by default) clamps to ``[0, 1]``."""
 
-    sigma: float = 0.3
+    sigma: float | tuple = 0.3
     clip: bool = True
     family = "gaussian_noise"
 
     def __post_init__(self):
-        _require(_is_real(self.sigma) and self.sigma >= 0, "noise", "sigma", self.sigma,
-                 "sigma >= 0, finite")
+        if not _ranged(self, "noise"):
+            _require(_is_real(self.sigma) and self.sigma >= 0, "noise", "sigma", self.sigma,
+                     "sigma >= 0, finite, or a range [low, high]")
         _require(isinstance(self.clip, bool), "noise", "clip", self.clip, "true or false")
 
     def apply(self, images: Tensor, draw: _Draw) -> Tensor:
-        return _noise(images, self.sigma, draw, self.clip)
+        return _noise(images, _per_sample(self.sigma, draw), draw, self.clip)
 
     @property
     def severity(self) -> float:
-        return self.sigma
+        return float("nan") if isinstance(self.sigma, tuple) else self.sigma
 
 
 @dataclass(frozen=True)
 class GaussianBlur(Distortion):
     """Separable Gaussian blur with reflect padding, equal to torchvision's ``gaussian_blur``.
 
-    ``kernel_size`` defaults to the paper's pairing 4σ + 1 (rounded to odd).
+    ``kernel_size`` defaults to the paper's pairing 4σ + 1 (rounded to odd); with a range of σ and no
+    ``kernel_size``, every sample gets the kernel of its own σ.
     """
 
     kernel_size: int | None = None
-    sigma: float = 5.0
+    sigma: float | tuple = 5.0
     family = "gaussian_blur"
 
     def __post_init__(self):
-        _require(_is_real(self.sigma) and self.sigma > 0, "blur", "sigma", self.sigma,
-                 "sigma > 0, finite")
-        if self.kernel_size is None:
-            object.__setattr__(self, "kernel_size", _odd_kernel(self.sigma))
+        if not _ranged(self, "blur"):
+            _require(_is_real(self.sigma) and self.sigma > 0, "blur", "sigma", self.sigma,
+                     "sigma > 0, finite, or a range [low, high]")
+            if self.kernel_size is None:
+                object.__setattr__(self, "kernel_size", _odd_kernel(self.sigma))
         k = self.kernel_size
-        _require(isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 1 and k % 2 == 1,
+        _require(k is None or isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 1 and k % 2 == 1,
                  "blur", "kernel_size", k, "odd integers >= 1")
 
     def apply(self, images: Tensor, draw: _Draw) -> Tensor:
+        if isinstance(self.sigma, tuple):
+            return _blur_per_sample(images, _uniform_severity(draw, *self.sigma), *self.sigma, self.kernel_size)
         sigma = torch.full((1,), float(self.sigma), device=images.device)  # no host-to-device copy
         return _separable_blur(images, _blur_kernel(self.kernel_size, sigma, self.kernel_size))
 
     @property
     def severity(self) -> float:
-        return self.sigma
+        return float("nan") if isinstance(self.sigma, tuple) else self.sigma
 
 
 MIXED_FAMILIES = ("clean", "mask", "gaussian_noise", "gaussian_blur")
-
-
-def _numbers(value) -> list | None:
-    """``value`` as a list if it is a sequence of finite real numbers (not a string), else None."""
-    if isinstance(value, str) or not isinstance(value, Sequence) or not all(map(_is_real, value)):
-        return None
-    return list(value)
-
-
-def _range(value, name: str, lo: float, hi: float) -> tuple[float, float]:
-    pair = [value, value] if _is_real(value) else _numbers(value)
-    ok = pair is not None and len(pair) == 2 and lo <= pair[0] <= pair[1] <= hi
-    _require(ok, "mixed", f"{name} range", value, f"a number or [low, high], {lo} <= low <= high <= {hi}")
-    return float(pair[0]), float(pair[1])
 
 
 @dataclass(frozen=True)
@@ -307,9 +300,9 @@ class Mixed(Distortion):
                  "weights", self.weights, f"{len(fams)} non-negative numbers (one per family), not all 0")
         object.__setattr__(self, "families", tuple(fams))
         object.__setattr__(self, "weights", tuple(float(x) for x in w))
-        object.__setattr__(self, "mask_ratio", _range(self.mask_ratio, "mask_ratio", 0.0, 0.999))
-        object.__setattr__(self, "noise_sigma", _range(self.noise_sigma, "noise_sigma", 0.0, 10.0))
-        object.__setattr__(self, "blur_sigma", _range(self.blur_sigma, "blur_sigma", 0.1, 100.0))
+        for name, family in (("mask_ratio", "mask"), ("noise_sigma", "gaussian_noise"),
+                             ("blur_sigma", "gaussian_blur")):
+            object.__setattr__(self, name, _range(getattr(self, name), "mixed", name, *SEVERITY_RANGE[family][1:]))
 
     def draw_params(self, draw: _Draw) -> tuple[Tensor, Tensor]:
         """Per-sample family index into ``families`` ``[B]`` and severity ``[B]``."""
@@ -321,7 +314,7 @@ class Mixed(Distortion):
                  "gaussian_noise": self.noise_sigma, "gaussian_blur": self.blur_sigma}
         bounds = torch.tensor([lo_hi[f] for f in self.families], device=draw.device)
         lo, hi = bounds[choice, 0], bounds[choice, 1]
-        return choice, lo + (hi - lo) * draw.uniform(1, stream=4).squeeze(1)
+        return choice, _uniform_severity(draw, lo, hi)
 
     def apply(self, images: Tensor, draw: _Draw) -> Tensor:
         choice, severity = self.draw_params(draw)
@@ -335,9 +328,7 @@ class Mixed(Distortion):
             elif fam == "gaussian_noise":
                 result = _noise(images, severity.view(shape), draw)
             elif fam == "gaussian_blur":
-                sig = severity.clamp_min(self.blur_sigma[0])
-                width = int(_odd_kernel(self.blur_sigma[1]))
-                result = _separable_blur(images, _blur_kernel(_odd_kernel(sig), sig, width))
+                result = _blur_per_sample(images, severity, *self.blur_sigma)
             else:
                 continue
             out = torch.where(pick, result, out)
@@ -368,6 +359,10 @@ PRESETS: dict[str, tuple[str, dict]] = {
 }
 
 
+# Families registered by modules that import this one, loaded when first built by name.
+PLUGINS = {"corruption": "distortkd.corruptions", "compose": "distortkd.chains"}
+
+
 def build(name_or_preset: str, /, **params) -> Distortion:
     """Builds a distortion from a family name or a preset, with parameters overriding the preset.
 
@@ -380,8 +375,8 @@ def build(name_or_preset: str, /, **params) -> Distortion:
         UserError: unknown name or parameter, or a parameter out of range.
     """
     name = name_or_preset
-    if name == "corruption" and name not in DISTORTIONS:
-        import distortkd.corruptions  # noqa: F401  (registers the ImageNet-C style suite)
+    if name in PLUGINS and name not in DISTORTIONS:
+        importlib.import_module(PLUGINS[name])
     if name in PRESETS:
         family, defaults = PRESETS[name]
         if family == "gaussian_blur" and "sigma" in params and "kernel_size" not in params:
@@ -390,7 +385,7 @@ def build(name_or_preset: str, /, **params) -> Distortion:
     elif name in DISTORTIONS:
         family = name
     else:
-        raise unknown("distortion", name, [*DISTORTIONS, *PRESETS, "corruption"])
+        raise unknown("distortion", name, {*DISTORTIONS, *PRESETS, *PLUGINS})
     cls = DISTORTIONS[family]
     accepted = [f.name for f in fields(cls) if not f.name.startswith("_")]
     bad = sorted(set(params) - set(accepted))
@@ -399,15 +394,6 @@ def build(name_or_preset: str, /, **params) -> Distortion:
             f"distortion {name!r} has no parameter {', '.join(bad)}; accepted: {', '.join(accepted) or 'none'}"
         )
     return cls(**params)
-
-
-def sample_seeds(index: Tensor, run_seed: int) -> Tensor:
-    """Per-sample seeds from dataset indices and a run seed, so eval corruption is fixed per image."""
-    return index.long() * 1_000_003 + int(run_seed)
-
-
-# The parameter that a family's one-number severity sets (figure 2's x-axis).
-SEVERITY_PARAM = {"mask": "ratio", "gaussian_noise": "sigma", "gaussian_blur": "sigma"}
 
 
 def at_severity(family: str, severity: float) -> Distortion:

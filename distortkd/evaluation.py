@@ -38,7 +38,7 @@ def grid_cells(cfg: DictConfig) -> list[tuple[str, float, distortions.Distortion
                         f"{', '.join(sorted(['heldout', 'paper', *benchmarks.BENCHMARKS]))}")
     cells = []
     for family in cfg.families:
-        if family in ("identity", "mixed"):
+        if family not in distortions.SEVERITY_PARAM:  # no one severity axis (mixed, compose, ...): all
             families = list(distortions.SEVERITY_PARAM)
         else:
             families = [family]

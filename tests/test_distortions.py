@@ -132,3 +132,88 @@ def test_bad_input_names_value_and_accepted(name, params, needle):
 def test_blur_too_large_for_image():
     with pytest.raises(UserError, match="too large"):
         D.build("blur_strong")(torch.rand(1, 1, 16, 16))
+
+
+RANGES = [("mask", "ratio", (0.2, 0.8)), ("gaussian_noise", "sigma", (0.1, 0.7)), ("gaussian_blur", "sigma", (0.5, 2.5))]
+
+
+def _per_sample_severity(family: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The severity each sample of ``out`` shows: dropped fraction, noise std, or (blur) the σ whose
+    stand-alone blur reproduces the sample best on a grid of σ."""
+    if family == "mask":
+        return (out == 0).float().mean(dim=(1, 2, 3))
+    if family == "gaussian_noise":
+        return (out - x).std(dim=(1, 2, 3))
+    grid = torch.arange(0.5, 2.51, 0.02)
+    err = torch.stack([(D.build("gaussian_blur", sigma=float(s))(x) - out).abs().amax(dim=(1, 2, 3)) for s in grid])
+    return grid[err.argmin(dim=0)]
+
+
+@pytest.mark.parametrize(("family", "param", "bounds"), RANGES)
+@pytest.mark.parametrize("seeded", [False, True])
+def test_range_draws_one_severity_per_sample_uniformly(family, param, bounds, seeded):
+    n = 400
+    if family == "gaussian_blur":  # a smooth random image: each σ blurs it differently
+        x = TF.gaussian_blur(torch.rand(n, 1, 24, 24, generator=torch.Generator().manual_seed(1)), 3, 0.7)
+    else:
+        x = torch.full((n, 1, 48, 48), 0.5)
+    seeds = torch.arange(n) * 1_000_003 if seeded else None
+    dist = D.build(family, **{param: list(bounds)}, **({"clip": False} if family == "gaussian_noise" else {}))
+    out = dist(x, seeds)
+    sev = _per_sample_severity(family, x, out)
+    lo, hi = bounds
+    slack = 0.05 * (hi - lo)  # estimation error of one sample's severity
+    assert sev.min() >= lo - slack and sev.max() <= hi + slack
+    assert abs(sev.mean().item() - (lo + hi) / 2) < 0.05 * (hi - lo)
+    assert abs(sev.std().item() - (hi - lo) / 12**0.5) < 0.1 * (hi - lo)  # uniform, not one value
+    if seeded:
+        assert torch.equal(dist(x[:3], seeds[:3]), out[:3])  # a pure function of (image, seed)
+
+
+@pytest.mark.parametrize("kernel_size", [None, 9])
+def test_ranged_blur_sample_equals_stand_alone_blur_at_its_sigma(images, kernel_size):
+    seeds = torch.arange(4) + 11
+    dist = D.build("gaussian_blur", sigma=[0.5, 3.0], kernel_size=kernel_size)
+    sigma = D._uniform_severity(D._Draw(images, seeds), 0.5, 3.0)  # the draw `mixed` makes too
+    out = dist(images, seeds)
+    for i, s in enumerate(sigma.tolist()):
+        k = kernel_size or 2 * round(2 * s) + 1
+        assert (out[i] - TF.gaussian_blur(images[i : i + 1], [k, k], [s, s])[0]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize(("family", "param", "value"), [("mask", "ratio", 0.9), ("gaussian_noise", "sigma", 0.3)])
+@pytest.mark.parametrize("seeded", [False, True])
+def test_fixed_number_keeps_the_fixed_draw(images, family, param, value, seeded):
+    """A number is not a range: same streams and formula as before ranges existed, bit for bit."""
+    seeds = torch.arange(4) if seeded else None
+    torch.manual_seed(3)
+    out = D.build(family, **{param: value})(images, seeds)
+    torch.manual_seed(3)
+    draw = D._Draw(images, seeds)
+    if family == "mask":
+        expected = images * (draw.uniform(1, *images.shape[2:], stream=1) >= value).to(images.dtype)
+    else:
+        expected = (images + value * draw.normal(*images.shape[1:], stream=2)).clamp(0, 1)
+    assert torch.equal(out, expected)
+    assert D.build(family, **{param: value}).severity == value
+
+
+@pytest.mark.parametrize(
+    ("family", "params", "value"),
+    [
+        ("mask", {"ratio": [0.8, 0.2]}, [0.8, 0.2]),  # low > high
+        ("mask", {"ratio": [0.5, 1.0]}, [0.5, 1.0]),  # outside [0, 0.999]
+        ("gaussian_noise", {"sigma": [-0.1, 0.2]}, [-0.1, 0.2]),
+        ("gaussian_noise", {"sigma": [0.3]}, [0.3]),  # wrong length
+        ("gaussian_blur", {"sigma": [1.0, 2.0, 3.0]}, [1.0, 2.0, 3.0]),
+        ("gaussian_blur", {"sigma": [0.05, 2.0]}, [0.05, 2.0]),  # outside [0.1, 100]
+        ("gaussian_blur", {"sigma": ["1", "2"]}, ["1", "2"]),
+    ],
+)
+def test_bad_range_is_one_line_naming_value_and_interval(family, params, value):
+    with pytest.raises(UserError) as err:
+        D.build(family, **params)
+    name, lo, hi = D.SEVERITY_RANGE[family]
+    message = str(err.value)
+    assert f"{name} range {value!r}" in message and f"accepted: a number or [low, high], {lo} <= low <= high <= {hi}" in message
+    assert "\n" not in message

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import distortkd.chains  # noqa: F401  (registers "compose" in DISTORTIONS)
 import distortkd.corruptions  # noqa: F401  (registers "corruption" in DISTORTIONS)
 from distortkd import distortions as D
 from distortkd.errors import UserError
@@ -104,11 +105,14 @@ NAN, INF = float("nan"), float("inf")
 BAD = {
     "identity": [({"sigma": 1.0}, "no parameter sigma", None)],
     "mask": [({"ratio": NAN}, "mask ratio", NAN), ({"ratio": 1.5}, "mask ratio", 1.5),
+             ({"ratio": [0.9, 0.1]}, "mask ratio range", [0.9, 0.1]),
              ({"ratio": "0.5"}, "mask ratio", "0.5"), ({"ratio": True}, "mask ratio", True)],
     "gaussian_noise": [({"sigma": INF}, "noise sigma", INF), ({"sigma": NAN}, "noise sigma", NAN),
                        ({"sigma": -0.1}, "noise sigma", -0.1), ({"sigma": "0.3"}, "noise sigma", "0.3"),
+                       ({"sigma": [0.1, 11.0]}, "noise sigma range", [0.1, 11.0]),
                        ({"clip": "false"}, "noise clip", "false"), ({"clip": 0}, "noise clip", 0)],
     "gaussian_blur": [({"sigma": 0.0}, "blur sigma", 0.0), ({"sigma": INF}, "blur sigma", INF),
+                      ({"sigma": [1.0]}, "blur sigma range", [1.0]),
                       ({"kernel_size": 4}, "blur kernel_size", 4),
                       ({"kernel_size": 5.0}, "blur kernel_size", 5.0),
                       ({"kernel_size": True}, "blur kernel_size", True),
@@ -121,6 +125,10 @@ BAD = {
               ({"mask_ratio": [0.5]}, "mixed mask_ratio range", [0.5]),
               ({"noise_sigma": [0.1, INF]}, "mixed noise_sigma range", [0.1, INF]),
               ({"blur_sigma": True}, "mixed blur_sigma range", True)],
+    "compose": [({"steps": []}, "compose steps", []), ({"steps": "mask"}, "compose steps", "mask"),
+                ({"steps": [{"family": "fog"}]}, "unknown distortion 'fog' in compose step 1", "fog"),
+                ({"steps": [{"params": {}}]}, "compose step 1", {"params": {}}),
+                ({"steps": [{"family": "mask", "params": {"ratio": 1.5}}]}, "compose step 1: mask ratio", 1.5)],
     "corruption": [({"name": ["shot_noise"]}, "unknown corruption", ["shot_noise"]),
                    ({"severity": 6}, "corruption severity", 6),
                    ({"severity": 2.5}, "corruption severity", 2.5),
