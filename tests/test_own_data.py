@@ -236,6 +236,17 @@ def test_hub_wrong_names_are_one_line_errors_listing_what_exists(tmp_path, overr
     assert "\n" not in str(err.value)
 
 
+def test_hub_with_two_class_label_columns_asks_which(tmp_path):
+    dd = hub_copy(extra={"coarse": [c // 2 for c in range(18)]})
+    dd.cast_column("coarse", ClassLabel(num_classes=9)).save_to_disk(str(tmp_path / "copy"))
+    with pytest.raises(UserError, match="several ClassLabel columns \\(category, coarse\\); set "
+                                        "data.label_column"):
+        module("hub", tmp_path, path=str(tmp_path / "copy")).setup("fit")
+    dm = module("hub", tmp_path, path=str(tmp_path / "copy"), label_column="coarse")
+    dm.setup("fit")
+    assert dm.num_classes == 9 and dm.spec.label_key == "coarse"
+
+
 def test_hub_integer_labels_and_column_overrides(tmp_path):
     dd = hub_copy(splits=("train", "test"))
     dd = dd.cast_column("category", Value("int64")).rename_column("category", "y")
