@@ -183,15 +183,17 @@ def test_corrupt_file_in_a_folder_is_skipped_and_counted(tmp_path):
 # --- data=hub: any hub image-classification dataset, here local copies in the hub layout. ---
 
 def hub_copy(n_per_class: int = 6, splits=("train", "valid"), names=("cat", "dog", "fox"),
-             extra: dict | None = None) -> DatasetDict:
-    """Columns named unlike any built-in dataset: ``picture`` (Image), ``category`` (ClassLabel)."""
+             extra: dict | None = None, corrupt: int | None = None) -> DatasetDict:
+    """Columns named unlike any built-in dataset: ``picture`` (Image), ``category`` (ClassLabel);
+    the first split's row ``corrupt`` a truncated PNG."""
     out, value = {}, 0
     for split in splits:
         labels = [c for c in range(len(names)) for _ in range(n_per_class)]
         pics = []
         for _ in labels:
             value += 1
-            pics.append({"bytes": png(value), "path": None})
+            cut = len(pics) == corrupt and split == splits[0]
+            pics.append({"bytes": png(value)[:40] if cut else png(value), "path": None})
         cols = {"picture": pics, "category": labels, **(extra or {})}
         feats = {"picture": Image(), "category": ClassLabel(names=list(names))}
         feats.update({k: Value("int64") for k in extra or {}})
@@ -234,6 +236,19 @@ def test_hub_wrong_names_are_one_line_errors_listing_what_exists(tmp_path, overr
         dm.setup("fit")
         _ = dm.num_classes
     assert "\n" not in str(err.value)
+
+
+def test_hub_copy_keeps_label_fraction_stratified_and_skips_a_corrupt_image(tmp_path):
+    hub_copy(n_per_class=12, splits=("train",), corrupt=5).save_to_disk(str(tmp_path / "copy"))
+    dm = module("hub", tmp_path, path=str(tmp_path / "copy"), val_fraction=0.25,
+                label_fraction=0.5, max_bad_fraction=0.2)
+    dm.setup("fit")
+    index, labels, _ = rows(dm, "train")
+    in_train = int(5 in dm.dataset("train").index)  # row 5: class 0, corrupt
+    assert len(dm.dataset("train")) == 15  # 9 train per class -> round(4.5) = 5 each
+    assert np.bincount(labels).tolist() == [5 - in_train, 5, 5]
+    rows(dm, "val")
+    assert 5 not in index and dm.skipped == {"train": in_train, "val": 1 - in_train}
 
 
 def test_hub_with_two_class_label_columns_asks_which(tmp_path):
