@@ -1,7 +1,9 @@
-"""One LightningDataModule over Hugging Face ``datasets``, configured per dataset by a spec.
+"""One LightningDataModule over Hugging Face ``datasets``, configured per dataset by a spec: a
+``DATASETS`` entry, or for the user's own data (``data=folder``, ``data=hub``) one read from the
+data itself (``sources.own_spec``).
 
-Batches are clean: ``{"image": [B, C, S, S] float32 in [0, 1], "label": [B] int64, "index": [B]
-int64}``, ``index`` being the sample's row in its underlying split (stable across runs: it seeds
+Batches are clean: ``{"image": [B, C, S, S] float32 in [0, 1], "label": [B] int64 (-1: unlabelled
+own data), "index": [B] int64}``, ``index`` being the sample's row in its underlying split (stable across runs: it seeds
 per-sample eval distortions, applied later on the device; this module knows nothing of them).
 
 Subsets never renumber ``index`` and compose in this order: ``train_subset`` (a row range of train)
@@ -285,8 +287,8 @@ class ImageDataModule(L.LightningDataModule):
         _check_own(self.hparams)
         default_in_memory = self._spec.in_memory if self._spec else False
         self.in_memory = default_in_memory if in_memory is None and not cache else bool(in_memory)
-        self.class_names: list[str] | None = list(self._spec.names or []) if self._spec else None
-        self.class_names = self.class_names or None
+        self.class_names: list[str] | None = (list(self._spec.names or []) or None
+                                              if self._spec else None)
         self.idx_dir = sources.idx_folder(path, self._spec) if self._spec else None  # IDX files
         self._raw: dict[str, dict] = {}
         self._sets: dict[str, Dataset] = {}
@@ -297,7 +299,7 @@ class ImageDataModule(L.LightningDataModule):
         """The ``DATASETS`` entry, or the own data's spec read from its splits and features."""
         if self._spec is None:
             h = self.hparams
-            self._spec = sources.own_spec(self._open(), h.hub_id or str(self.path), h.image_column,
+            self._spec = sources.own_spec(self._open(), self._where, h.image_column,
                                           h.label_column, h.splits)
             self.class_names = list(self._spec.names or []) or None
         return self._spec
@@ -308,11 +310,16 @@ class ImageDataModule(L.LightningDataModule):
         a fine-tune or an evaluation asks: distillation reads no labels)."""
         spec = self.spec
         names = self.class_names or [str(c) for c in range(spec.num_classes)]
-        err = sources.unlabelled_error(self.hparams.hub_id or self.path, self.name, names,
+        err = sources.unlabelled_error(self._where, self.name, names,
                                        spec.label_key is not None) if self.name in OWN else None
         if err is not None:
             raise err
         return spec.num_classes
+
+    @property
+    def _where(self) -> str:
+        """Own data in messages: its hub id or path."""
+        return str(self.hparams.hub_id or self.path)
 
     @property
     def cache_size(self) -> int:
@@ -409,7 +416,7 @@ class ImageDataModule(L.LightningDataModule):
         if self._carved(role):
             return self.spec.splits["train"]
         if role == "val" and self.name in OWN and "val" not in self.spec.splits:
-            raise UserError(f"{self.hparams.hub_id or self.path} has no val split and "
+            raise UserError(f"{self._where} has no val split and "
                             "data.val_fraction is null; accepted: data.val_fraction in (0, 1), "
                             "a val/ folder or data.splits.val")  # never the test split
         if role not in self.spec.splits:
@@ -452,8 +459,7 @@ class ImageDataModule(L.LightningDataModule):
         """The dataset of ``role`` (``train``, ``val``, ``test`` or ``ood``), built once."""
         if role == "test" and self.name in OWN and "test" not in self.spec.splits:
             if role not in self._sets:  # documented in conf/data/folder.yaml and hub.yaml
-                log.warning("%s has no test split: the test role is the val split",
-                            self.hparams.hub_id or self.path)
+                log.warning("%s has no test split: the test role is the val split", self._where)
                 self._sets[role] = self.dataset("val")
         if role not in self._sets:
             self._sets[role] = self._build(role, role == "train" and self.hparams.augment)
