@@ -3,8 +3,9 @@
 data itself (``sources.own_spec``).
 
 Batches are clean: ``{"image": [B, C, S, S] float32 in [0, 1], "label": [B] int64 (-1: unlabelled
-own data), "index": [B] int64}``, ``index`` being the sample's row in its underlying split (stable across runs: it seeds
-per-sample eval distortions, applied later on the device; this module knows nothing of them).
+own data), "index": [B] int64}``, ``index`` being the sample's row in its underlying split
+(stable across runs: it seeds per-sample eval distortions, applied later on the device; this
+module knows nothing of them).
 
 Subsets never renumber ``index`` and compose in this order: ``train_subset`` (a row range of train)
 → CAMELYON17's OOD filter → ``val_fraction`` (val carved from train) → ``label_fraction`` (train only) → ``limit_train`` / ``limit_eval`` (the
