@@ -106,6 +106,15 @@ def test_folder_val_and_test_folders_are_used_as_they_are(tmp_path):
     assert rows(dm, "test")[1] == [0, 1, 1, 1]
 
 
+def test_class_folders_without_a_train_folder_are_the_train_split(tmp_path):
+    values = write_tree(tmp_path / "d", {c: 5 for c in CLASSES})
+    dm = module("folder", tmp_path, path=str(tmp_path / "d"), val_fraction=0.2)
+    dm.setup("fit")
+    _, labels, pixels = rows(dm, "train")
+    label_of = {v: sorted(CLASSES).index(p.parent.name) for p, v in values.items()}
+    assert len(pixels) == 12 and labels == [label_of[p] for p in pixels]
+
+
 def test_folder_label_fraction_is_stratified(tmp_path):
     write_tree(tmp_path / "d", {f"train/{c}": 10 for c in CLASSES})
     dm = module("folder", tmp_path, path=str(tmp_path / "d"), val_fraction=0.2,
