@@ -13,7 +13,7 @@ import numbers
 
 from omegaconf import DictConfig, OmegaConf
 
-from distortkd import distortions
+from distortkd import distortions, sources
 from distortkd.benchmarks import BENCHMARKS, stored_cells
 from distortkd.errors import UserError, unknown
 from distortkd.losses import CONTRASTIVE_VARIANTS, LOSSES
@@ -119,6 +119,17 @@ def check_evaluate(cfg: DictConfig) -> None:
     _non_negative(cfg, "attention.num_images", integer=True)
 
 
+def check_labelled_folder(cfg: DictConfig) -> None:
+    """A fine-tune or evaluation on ``data=folder`` needs class folders, at least 2: refused
+    before anything else (``init=auto`` would otherwise first look for a distilled student)."""
+    path = cfg.data.get("path")
+    if cfg.data.get("name") != "folder" or not path:
+        return  # a hub dataset's labels are known once loaded: ImageDataModule.num_classes
+    classes = sources.folder_layout(path)
+    if (err := sources.unlabelled_error(path, "folder", classes, bool(classes))) is not None:
+        raise err
+
+
 def check_image_size(cfg: DictConfig) -> None:
     """The data's image size is the model's input size, and a whole number of patches."""
     size, model_size = cfg.data.get("image_size"), cfg.model.get("img_size")
@@ -157,5 +168,6 @@ def check_config(cfg: DictConfig, build_distortion) -> None:
         check_optim(cfg)
     if task in ("finetune", "evaluate"):
         check_finetune(cfg)
+        check_labelled_folder(cfg)
     if task == "evaluate":
         check_evaluate(cfg)

@@ -1,8 +1,11 @@
-"""One LightningDataModule over Hugging Face ``datasets``, configured per dataset by a spec.
+"""One LightningDataModule over Hugging Face ``datasets``, configured per dataset by a spec: a
+``DATASETS`` entry, or for the user's own data (``data=folder``, ``data=hub``) one read from the
+data itself (``sources.own_spec``).
 
-Batches are clean: ``{"image": [B, C, S, S] float32 in [0, 1], "label": [B] int64, "index": [B]
-int64}``, ``index`` being the sample's row in its underlying split (stable across runs: it seeds
-per-sample eval distortions, applied later on the device; this module knows nothing of them).
+Batches are clean: ``{"image": [B, C, S, S] float32 in [0, 1], "label": [B] int64 (-1: unlabelled
+own data), "index": [B] int64}``, ``index`` being the sample's row in its underlying split
+(stable across runs: it seeds per-sample eval distortions, applied later on the device; this
+module knows nothing of them).
 
 Subsets never renumber ``index`` and compose in this order: ``train_subset`` (a row range of train)
 → CAMELYON17's OOD filter → ``val_fraction`` (val carved from train) → ``label_fraction`` (train only) → ``limit_train`` / ``limit_eval`` (the
@@ -36,7 +39,7 @@ from distortkd import cache as canvases
 from distortkd import sources
 from distortkd.errors import UserError, unknown
 from distortkd.images import BadImage, open_image
-from distortkd.sources import DATASETS, DatasetSpec, load_hub_split, open_local
+from distortkd.sources import DATASETS, OWN, DatasetSpec, load_hub_split, open_local
 from distortkd.sources import NO_VAL as NO_VAL  # re-exported
 from distortkd.sources import read_idx as read_idx  # re-exported
 from distortkd.transforms import BatchTransform, canvas_transform, pil_transform
@@ -183,7 +186,7 @@ class HFImages(Dataset):
         return full
 
 
-def _check_options(h, rrc_scale: tuple, subset: tuple | None, spec: DatasetSpec) -> None:
+def _check_options(h, rrc_scale: tuple, subset: tuple | None, spec: DatasetSpec | None) -> None:
     for ok, bad in [
         (h.in_chans in (1, 3), f"in_chans {h.in_chans}; accepted: 1, 3"),
         (0 < h.label_fraction <= 1, f"label_fraction {h.label_fraction}; accepted: 0 < f <= 1"),
@@ -197,7 +200,7 @@ def _check_options(h, rrc_scale: tuple, subset: tuple | None, spec: DatasetSpec)
         (0 <= h.max_bad_fraction < 1, f"max_bad_fraction {h.max_bad_fraction}; accepted: [0, 1)"),
         (all(k is None or k >= 1 for k in (h.limit_train, h.limit_eval)),
          f"limit_train {h.limit_train} / limit_eval {h.limit_eval}; accepted: >= 1, or null"),
-        (not h.val_ood or spec.ood, f"val_ood for {h.name}; accepted for: "
+        (not h.val_ood or (spec and spec.ood), f"val_ood for {h.name}; accepted for: "
          + ", ".join(k for k, s in DATASETS.items() if s.ood)),
         (h.cache in canvases.KINDS, f"cache {h.cache!r}; accepted: null, uint8"),
         (h.cache_size is None or h.cache_size >= 1, f"cache_size {h.cache_size}; accepted: >= 1"),
@@ -207,17 +210,41 @@ def _check_options(h, rrc_scale: tuple, subset: tuple | None, spec: DatasetSpec)
             raise UserError(f"invalid data option {bad}")
 
 
+def _check_own(h) -> None:
+    """What ``folder`` and ``hub`` need: a folder path; a hub id or local copy; roles by name."""
+    own = h.name in OWN
+    for ok, bad in [
+        (h.name != "folder" or h.path, "data=folder needs data.path=<image folder>"),
+        (h.name != "hub" or h.hub_id or h.path,
+         "data=hub needs data.hub_id=<hub dataset id> or data.path=<local copy>"),
+        (own or not any((h.hub_id, h.image_column, h.label_column, h.splits)),
+         f"hub_id, image_column, label_column and splits are for data=folder and data=hub, not "
+         f"{h.name}"),
+        (not h.splits or set(h.splits) <= {"train", "val", "test"},
+         f"splits keys {sorted(h.splits or [])}; accepted: train, val, test"),
+    ]:
+        if not ok:
+            raise UserError(bad)
+
+
 _STAGE_ROLES = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",),
                 "predict": ("test",)}
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Clean batches from one ``DATASETS`` entry (batch format and subset order: module docstring).
+    """Clean batches from one ``DATASETS`` entry, or the user's own data (``folder``, ``hub``)
+    (batch format and subset order: module docstring).
 
     Args:
-        name: a key of ``DATASETS``.
+        name: a key of ``DATASETS``; or ``folder`` (an image folder at ``path``, see
+            ``sources.folder_layout``) or ``hub`` (any hub image-classification dataset,
+            ``hub_id``, or its local copy at ``path``), whose spec is read from the data itself.
         path: local copy (``save_to_disk`` folder, hub-layout parquet, image folder; an IDX folder
             for Fashion-MNIST); None: the hub (Fashion-MNIST: Debian's IDX files when installed).
+        hub_id, image_column, label_column, splits: own data only: the hub dataset; the image and
+            label columns and the split of each role (``{"train": ..., "val": ..., "test": ...}``),
+            None for what ``sources.own_spec`` reads from the features. Without a val split, val is
+            carved by ``val_fraction``; without a test split, the test role is the val split.
         image_size: output side S in pixels. crop_pct: eval center crop of the resized short side.
         in_chans: 3 (RGB) or 1 (grayscale).
         label_fraction: stratified fraction of train labels kept, in (0, 1].
@@ -246,29 +273,77 @@ class ImageDataModule(L.LightningDataModule):
                  rrc_scale: Sequence[float] = (0.08, 1.0), max_bad_fraction: float = 0.001,
                  in_memory: bool | None = None, val_ood: bool = False,
                  cache_dir: str | None = None, cache: str | None = None,
-                 cache_size: int | None = None, val_fraction: float | None = None):
+                 cache_size: int | None = None, val_fraction: float | None = None,
+                 hub_id: str | None = None, image_column: str | None = None,
+                 label_column: str | None = None, splits: dict | None = None):
         super().__init__()
-        if name not in DATASETS:
-            raise unknown("dataset", name, DATASETS)
+        if name not in DATASETS and name not in OWN:
+            raise unknown("dataset", name, [*DATASETS, *OWN])
         self.save_hyperparameters(logger=False)
-        self.spec, self.name, self.path, self.in_chans = DATASETS[name], name, path, int(in_chans)
+        self.name, self.path, self.in_chans = name, path, int(in_chans)
+        self._spec = DATASETS.get(name)  # own data: read from the data on first use (spec)
         self.rrc_scale = tuple(float(s) for s in rrc_scale)
         self.train_subset = None if train_subset is None else tuple(int(i) for i in train_subset)
-        _check_options(self.hparams, self.rrc_scale, self.train_subset, self.spec)
-        self.in_memory = self.spec.in_memory if in_memory is None and not cache else bool(in_memory)
-        self.cache_size = cache_size or canvases.default_side(image_size, crop_pct, self.spec.small)
-        self.num_classes = self.spec.num_classes
-        self.class_names: list[str] | None = list(self.spec.names or []) or None
-        self.idx_dir = sources.idx_folder(path, self.spec)  # IDX files, if any
+        _check_options(self.hparams, self.rrc_scale, self.train_subset, self._spec)
+        _check_own(self.hparams)
+        default_in_memory = self._spec.in_memory if self._spec else False
+        self.in_memory = default_in_memory if in_memory is None and not cache else bool(in_memory)
+        self.class_names: list[str] | None = (list(self._spec.names or []) or None
+                                              if self._spec else None)
+        self.idx_dir = sources.idx_folder(path, self._spec) if self._spec else None  # IDX files
         self._raw: dict[str, dict] = {}
         self._sets: dict[str, Dataset] = {}
         self._local: datasets.DatasetDict | None = None
 
+    @property
+    def spec(self) -> DatasetSpec:
+        """The ``DATASETS`` entry, or the own data's spec read from its splits and features."""
+        if self._spec is None:
+            h = self.hparams
+            self._spec = sources.own_spec(self._open(), self._where, h.image_column,
+                                          h.label_column, h.splits)
+            self.class_names = list(self._spec.names or []) or None
+        return self._spec
+
+    @property
+    def num_classes(self) -> int:
+        """The class count; for own data without labels or with one class, a ``UserError`` (only
+        a fine-tune or an evaluation asks: distillation reads no labels)."""
+        spec = self.spec
+        names = self.class_names or [str(c) for c in range(spec.num_classes)]
+        err = sources.unlabelled_error(self._where, self.name, names,
+                                       spec.label_key is not None) if self.name in OWN else None
+        if err is not None:
+            raise err
+        return spec.num_classes
+
+    @property
+    def _where(self) -> str:
+        """Own data in messages: its hub id or path."""
+        return str(self.hparams.hub_id or self.path)
+
+    @property
+    def cache_size(self) -> int:
+        h = self.hparams
+        return h.cache_size or canvases.default_side(h.image_size, h.crop_pct, self.spec.small)
+
+    def _open(self) -> datasets.DatasetDict:
+        """The local copy at ``path`` (own data: also an image folder, or every hub split)."""
+        if self._local is None:
+            h = self.hparams
+            if self.name == "folder":
+                self._local = sources.open_folder(self.path, h.cache_dir)
+            elif self.name == "hub" and self.path is None:
+                self._local = sources.open_hub(h.hub_id, h.cache_dir)
+            else:
+                self._local = open_local(self.path, h.cache_dir)
+        return self._local
+
     def prepare_data(self) -> None:
         """Downloads (hub) or indexes (local parquet/image folder) once per node; with ``cache``,
         also decodes every split into its canvas file (once: later runs find it)."""
-        if self.idx_dir is None and self.path is not None:
-            open_local(self.path, self.hparams.cache_dir)
+        if self.idx_dir is None and (self.path is not None or self.name in OWN):
+            self._open()
         elif self.idx_dir is None:
             for split in sorted(set(self.spec.splits.values())):
                 load_hub_split(self.name, split, self.hparams.cache_dir)
@@ -282,13 +357,15 @@ class ImageDataModule(L.LightningDataModule):
             self.dataset(role)
 
     def _table(self, split: str) -> datasets.Dataset:
-        if self.path is not None:
-            self._local = self._local or open_local(self.path, self.hparams.cache_dir)
-        return sources.split_table(self.name, split, self.path, self._local, self.hparams.cache_dir)
+        if self.path is not None or self.name in OWN:
+            self._open()
+        path = self.hparams.hub_id or self.path
+        return sources.split_table(self.name, split, path, self._local, self.hparams.cache_dir,
+                                   spec=self.spec)
 
     def _labels(self, table: datasets.Dataset, split: str) -> np.ndarray:
         """Labels ``[N]`` in the spec's class order (class folders mapped by ``class_list``)."""
-        labels, names = sources.split_labels(self.name, table, split)
+        labels, names = sources.split_labels(self.name, table, split, spec=self.spec)
         self.class_names = names or self.class_names
         return labels
 
@@ -337,12 +414,20 @@ class ImageDataModule(L.LightningDataModule):
 
     def _split(self, role: str) -> str:
         """The split ``role`` reads: with ``val_fraction``, val is carved from train."""
+        if self._carved(role):
+            return self.spec.splits["train"]
+        if role == "val" and self.name in OWN and "val" not in self.spec.splits:
+            raise UserError(f"{self._where} has no val split and "
+                            "data.val_fraction is null; accepted: data.val_fraction in (0, 1), "
+                            "a val/ folder or data.splits.val")  # never the test split
         if role not in self.spec.splits:
             raise unknown(f"split of {self.name}", role, self.spec.splits)
-        return self.spec.splits["train" if self._carved(role) else role]
+        return self.spec.splits[role]
 
     def _carved(self, role: str) -> bool:
-        return role in ("train", "val") and self.hparams.val_fraction is not None
+        """Val carved from train: ``val_fraction`` set (own data: only when it has no val split)."""
+        own_val = self.name in OWN and "val" in self.spec.splits
+        return role in ("train", "val") and self.hparams.val_fraction is not None and not own_val
 
     def _index(self, role: str, raw: dict) -> np.ndarray:
         """Rows of the split that ``role`` uses, in the order of the module docstring."""
@@ -373,6 +458,10 @@ class ImageDataModule(L.LightningDataModule):
 
     def dataset(self, role: str) -> Dataset:
         """The dataset of ``role`` (``train``, ``val``, ``test`` or ``ood``), built once."""
+        if role == "test" and self.name in OWN and "test" not in self.spec.splits:
+            if role not in self._sets:  # documented in conf/data/folder.yaml and hub.yaml
+                log.warning("%s has no test split: the test role is the val split", self._where)
+                self._sets[role] = self.dataset("val")
         if role not in self._sets:
             self._sets[role] = self._build(role, role == "train" and self.hparams.augment)
         return self._sets[role]
