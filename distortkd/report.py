@@ -1,4 +1,5 @@
-"""``distortkd-report``: the paper's tables and figures rebuilt from run folders alone (no W&B).
+"""``distortkd-report``: the paper's tables and figures rebuilt from run folders alone (no W&B
+needed; ``--wandb PROJECT`` also logs them to one W&B run).
 
 Run folders are read by :mod:`distortkd.runs`. A cell is the mean ± sample std (ddof=1) over
 seeds of runs whose settings are identical but for the seed; a seed that ran twice with identical
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from distortkd import wandb_utils
 from distortkd.errors import UserError, unknown
 from distortkd.paper import ALIASES, FIGURES, LAYOUTS, SCOPES, TABLES, make_figure
 from distortkd.runs import BASE_COLUMNS, scan
@@ -105,6 +107,11 @@ def build(opts) -> str:
     Returns:
         The markdown of ``results.md``.
     """
+    return make(opts)[0]
+
+
+def make(opts) -> tuple[str, list[Table], list[Path]]:
+    """As :func:`build`; returns the markdown, the tables and the figure files it wrote."""
     runs, rows = scan(opts.dirs)
     if runs.empty:
         raise UserError(f"no run folders (config.yaml, metrics.json or checkpoints/*.ckpt) under "
@@ -132,7 +139,7 @@ def build(opts) -> str:
             skipped.append(f"- `{name}`: skipped, no matching runs{scope}")
     text = _document(opts, runs, sections, made, skipped, _left_out(runs, done))
     (opts.out / "results.md").write_text(text)
-    return text
+    return text, [t for tables in done.values() for t in tables], made
 
 
 class _Parser(argparse.ArgumentParser):
@@ -150,6 +157,8 @@ def _parser() -> argparse.ArgumentParser:
                    "to val/acc1)")
     p.add_argument("--experiment", help="only this experiment's runs (drops default data filters)")
     p.add_argument("--data", help="only runs on this dataset")
+    p.add_argument("--wandb", metavar="PROJECT", help="also log every table and figure to one W&B run "
+                   "of PROJECT, named after --out (offline without credentials)")
     return p
 
 
@@ -157,7 +166,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``distortkd-report``; returns the exit status (2 for a user error)."""
     opts = _parser().parse_args(argv)
     try:
-        text = build(opts)
+        if opts.wandb is not None:
+            wandb_utils.check_project(opts.wandb)
+        text, tables, figures = make(opts)
+        if opts.wandb is not None:
+            wandb_utils.push_report(opts.wandb, opts.out, opts.dirs, tables, figures, group=opts.experiment)
     except UserError as err:
         print(f"distortkd-report: error: {err}", file=sys.stderr)
         return 2
