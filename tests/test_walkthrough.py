@@ -88,7 +88,7 @@ def run_step(line: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def newest_run(root: Path, task: str) -> dict:
+def the_run(root: Path, task: str) -> dict:
     (run,) = [p for p in (root / "runs" / "default" / task).iterdir() if p.is_dir()]
     return json.loads((run / "metrics.json").read_text())
 
@@ -96,7 +96,7 @@ def newest_run(root: Path, task: str) -> dict:
 def check_step(program: str, args: list[str], cwd: Path, results: dict) -> None:
     """What each step must have written."""
     if program in TRAINING:
-        metrics = results[program] = newest_run(cwd, program.removeprefix("distortkd-"))
+        metrics = results[program] = the_run(cwd, program.removeprefix("distortkd-"))
         assert metrics["status"] == "ok", metrics.get("error")
     elif program == "distortkd-export":
         encoder = load_exported(cwd / args[-1])
