@@ -1,6 +1,10 @@
 """Shared fixtures: tiny random-init models, nothing downloaded."""
 
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 # Tiny models on the 2-core CI machine run ~10x faster on one thread than on two (OpenMP's
 # spin-waiting costs more than the parallelism gains); subprocesses inherit this.
@@ -23,3 +27,37 @@ def tiny_vit():
 
     torch.manual_seed(0)
     return build_vit("vit_tiny_patch16_224", pretrained=False, **TINY_VIT)
+
+
+# The built wheel and its installed copy: shared by tests/test_install.py and the README walkthrough
+# (tests/test_walkthrough.py), built once a session.
+SOURCE = Path(__file__).resolve().parents[1]
+
+
+def _pip(*args: str) -> None:
+    # --no-index: nothing is fetched; --no-build-isolation builds with the venv's own setuptools
+    # (always there: the pinned torch requires setuptools >= 77, which builds wheels on its own)
+    subprocess.run([sys.executable, "-m", "pip", "-q", *args, "--no-deps", "--no-index"],
+                   check=True, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory) -> Path:
+    """The wheel, built from a copy of the sources (an in-tree build would leave build/ and
+    *.egg-info in the checkout)."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(SOURCE / name, tmp / name)
+    shutil.copytree(SOURCE / "distortkd", tmp / "distortkd",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    _pip("wheel", "--no-build-isolation", "-w", str(tmp / "dist"), str(tmp))
+    (found,) = (tmp / "dist").glob("distortkd-*.whl")
+    return found
+
+
+@pytest.fixture(scope="session")
+def site(wheel, tmp_path_factory) -> Path:
+    """The wheel installed into a folder of its own, console scripts in ``site/bin``."""
+    target = tmp_path_factory.mktemp("site")
+    _pip("install", "--target", str(target), str(wheel))
+    return target

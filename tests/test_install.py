@@ -3,7 +3,6 @@ the installed copy (not this source tree), and a user's own config folder compos
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -26,35 +25,6 @@ USER_CONFIGS = {
                               "trainer:\n  max_epochs: 1\n"),
 }
 USER_CHOICES = ["data=mydata", "distortion=mydist", "model=mymodel", "experiment=myexp"]
-
-
-def _pip(*args: str) -> None:
-    # --no-index: nothing is fetched; --no-build-isolation builds with the venv's own setuptools
-    # (always there: the pinned torch requires setuptools >= 77, which builds wheels on its own)
-    subprocess.run([sys.executable, "-m", "pip", "-q", *args, "--no-deps", "--no-index"],
-                   check=True, capture_output=True)
-
-
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
-    """The wheel, built from a copy of the sources (an in-tree build would leave build/ and
-    *.egg-info in the checkout)."""
-    tmp = tmp_path_factory.mktemp("wheel")
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(SOURCE / name, tmp / name)
-    shutil.copytree(SOURCE / "distortkd", tmp / "distortkd",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    _pip("wheel", "--no-build-isolation", "-w", str(tmp / "dist"), str(tmp))
-    (found,) = (tmp / "dist").glob("distortkd-*.whl")
-    return found
-
-
-@pytest.fixture(scope="module")
-def site(wheel, tmp_path_factory) -> Path:
-    """The wheel installed into a folder of its own, console scripts in ``site/bin``."""
-    target = tmp_path_factory.mktemp("site")
-    _pip("install", "--target", str(target), str(wheel))
-    return target
 
 
 def _installed(site: Path, tmp_path: Path, command: list[str]) -> subprocess.CompletedProcess:

@@ -1,5 +1,6 @@
 """README "Use it on your own images": its ``bash walkthrough`` block, run line by line as it
-stands (bash, the venv's console scripts first on PATH) from an empty folder, with tiny settings
+stands (bash, the console scripts of the installed wheel first on PATH, importing only that
+installed copy: a non-editable install, as a user gets from ``pip install``) from an empty folder, with tiny settings
 appended to the training commands; on generated image folders and on real Fashion-MNIST PNGs.
 
 The block is read from the README, not copied here, so the README cannot drift from what is
@@ -16,7 +17,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,6 @@ from distortkd.export import load_exported
 from distortkd.vit import Encoder
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-BIN = Path(sys.executable).parent
 TRAINING = ("distortkd-distill", "distortkd-finetune", "distortkd-evaluate")
 STEPS = [*TRAINING, "distortkd-export", "distortkd-embed"]
 TINY = ["model=vit_tiny_test", "trainer=cpu", "trainer.max_epochs=1", "data.num_workers=0",
@@ -111,7 +110,7 @@ def check_step(program: str, args: list[str], cwd: Path, results: dict) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("data", ["generated", "fashion_mnist"])
-def test_readme_walkthrough_runs_as_written(tmp_path, data):
+def test_readme_walkthrough_runs_as_written(tmp_path, data, site):
     if data == "fashion_mnist" and not FMNIST.is_dir():
         pytest.skip("Debian's dataset-fashion-mnist not installed")
     lines = walkthrough()
@@ -121,10 +120,11 @@ def test_readme_walkthrough_runs_as_written(tmp_path, data):
     make = generated if data == "generated" else fashion_mnist
     make(tmp_path / argument(lines, "distortkd-distill", "data.path"),
          tmp_path / argument(lines, "distortkd-finetune", "data.path"))
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "CI": "1"}
+    env = {**os.environ, "PATH": f"{site / 'bin'}{os.pathsep}{os.environ['PATH']}", "CI": "1",
+           "PYTHONPATH": str(site)}  # the installed wheel, not this source tree
     env.pop("DISTORTKD_RUNS", None)  # the README's default: ./runs
     for program in STEPS:
-        assert shutil.which(program, path=env["PATH"]) == str(BIN / program)
+        assert shutil.which(program, path=env["PATH"]) == str(site / "bin" / program)
     results = {}
     for line in lines:
         proc = run_step(line, tmp_path, env)
