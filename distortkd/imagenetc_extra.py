@@ -2,7 +2,7 @@
 
 ``distortkd.corruptions`` wraps these (validation, ``PARAMS`` lookup by function name, dtype, clamp);
 this module imports nothing from it, so there is no import cycle. Images are ``[B, C, H, W]`` float
-in ``[0, 1]``; all randomness comes from ``_Draw`` (one stream id per draw), so a seeded result is a
+in ``[0, 1]``; all randomness comes from ``Draw`` (one stream id per draw), so a seeded result is a
 pure function of (image, seed) whatever the batch. Reference: ``make_imagenet_c.py`` of
 github.com/hendrycks/robustness (``ImageNet-C/create_c``). Deviations are listed per function.
 """
@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distortkd.distortions import _blur_kernel, _Draw
+from distortkd.blur import blur_kernel
+from distortkd.draws import Draw
 from distortkd.errors import UserError
 
 FROST_ENV = "DISTORTKD_FROST_DIR"
@@ -35,7 +36,7 @@ def _sym_matrix(n: int, sigma: float, truncate: float) -> Tensor:
     level 1) gives kernels far wider than the image: the index is folded with period 2n instead.
     """
     half = int(truncate * sigma + 0.5)
-    taps = _blur_kernel(2 * half + 1, torch.tensor([float(sigma)]), 2 * half + 1)[0].double()
+    taps = blur_kernel(2 * half + 1, torch.tensor([float(sigma)]), 2 * half + 1)[0].double()
     src = torch.arange(n)[:, None] + torch.arange(-half, half + 1)[None, :]  # [n, K]
     src = src % (2 * n)
     src = torch.where(src >= n, 2 * n - 1 - src, src)
@@ -111,13 +112,13 @@ def _grey(images: Tensor) -> Tensor:
     return (images * weights.view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
 
 
-def motion_blur(images: Tensor, param: tuple, draw: _Draw) -> Tensor:
+def motion_blur(images: Tensor, param: tuple, draw: Draw) -> Tensor:
     """ImageMagick motion blur (radius, σ in pixels) at an angle uniform in [-45°, 45°)."""
     degrees = -45 + 90 * draw.uniform(stream=201)
     return motion_blur_at(images, *param, degrees)
 
 
-def glass_blur(images: Tensor, param: tuple, draw: _Draw) -> Tensor:
+def glass_blur(images: Tensor, param: tuple, draw: Draw) -> Tensor:
     """Gaussian blur (σ), ``iterations`` rounds of local pixel shuffling by up to ``delta``, blur again.
 
     Deviation: the reference swaps pixels one by one (raster order, bottom-right first), each pixel
@@ -157,7 +158,7 @@ def _affine_points(h: int, w: int, jitter: Tensor) -> Tensor:
     return torch.linalg.solve(dst, pts1.expand_as(pts2)).transpose(1, 2)
 
 
-def elastic_transform(images: Tensor, param: tuple, draw: _Draw) -> Tensor:
+def elastic_transform(images: Tensor, param: tuple, draw: Draw) -> Tensor:
     """Random affine (points jittered by ±``c[2]`` px), then a smooth random displacement field
     (uniform noise smoothed by σ = ``c[1]`` px, truncate 3, times α = ``c[0]`` px), bilinear.
 
@@ -177,7 +178,7 @@ def elastic_transform(images: Tensor, param: tuple, draw: _Draw) -> Tensor:
     return _sample(x, ys + field[:, 1], xs + field[:, 0], "bilinear", "reflection")
 
 
-def plasma_fractal(draw: _Draw, mapsize: int, decay: float, stream: int) -> Tensor:
+def plasma_fractal(draw: Draw, mapsize: int, decay: float, stream: int) -> Tensor:
     """The reference's diamond-square height map ``[B, S, S]`` in [0, 1], per sample, batched."""
     m = torch.zeros(draw.batch, mapsize, mapsize, dtype=torch.float64, device=draw.device)
     step, wibble, k = mapsize, 100.0, 0
@@ -201,7 +202,7 @@ def plasma_fractal(draw: _Draw, mapsize: int, decay: float, stream: int) -> Tens
     return m / m.amax(dim=(1, 2), keepdim=True)
 
 
-def fog(images: Tensor, param: tuple, draw: _Draw) -> Tensor:
+def fog(images: Tensor, param: tuple, draw: Draw) -> Tensor:
     """Adds ``c[0]`` × a plasma fractal (decay ``c[1]``; top-left crop of a 256² map, larger maps
     for images over 256 px), rescaled by max / (max + c[0]) with the image's maximum."""
     scale, decay = param
@@ -224,7 +225,7 @@ def _zoom_layer(layer: Tensor, factor: float) -> Tensor:
     return zoomed[..., th : th + h, tw : tw + w]
 
 
-def snow(images: Tensor, param: tuple, draw: _Draw) -> Tensor:
+def snow(images: Tensor, param: tuple, draw: Draw) -> Tensor:
     """Snow flakes: N(loc, scale) zoomed, thresholded, motion-blurred at [-135°, -45°), added
     twice (also rotated 180°) to the image brightened towards 1.5 · grey + 0.5.
 
@@ -271,7 +272,7 @@ def _frost_textures(folder: str) -> tuple[Tensor, ...]:
     return tuple(out)
 
 
-def frost(images: Tensor, param: tuple, draw: _Draw) -> Tensor:
+def frost(images: Tensor, param: tuple, draw: Draw) -> Tensor:
     """``c[0]`` · image + ``c[1]`` · a random H×W crop of one of frost1..frost5 (grey images get
     the crop's luma). Deviation: the crop is cut per sample (a slice per image: the photographs
     differ in size, so no single gather serves the batch)."""

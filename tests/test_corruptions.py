@@ -13,7 +13,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from distortkd import corruptions as C
 from distortkd import imagenetc_extra as EX
-from distortkd.distortions import _Draw
+from distortkd.draws import Draw
 from distortkd.errors import UserError
 
 NEW = ("glass_blur", "motion_blur", "snow", "frost", "fog", "elastic_transform")
@@ -178,7 +178,7 @@ def test_shot_noise_is_poisson(level, value):
     photons = C.PARAMS["shot_noise"][level - 1]
     rate = value * photons
     counts = C.shot_noise(
-        torch.full((2, 3, 64, 64), value), level, _Draw(torch.empty(2), torch.arange(2))
+        torch.full((2, 3, 64, 64), value), level, Draw(torch.empty(2), torch.arange(2))
     )
     counts = (counts * photons).round()  # clamping to 1 only cuts counts > photons, far in the tail
     assert (
@@ -286,7 +286,7 @@ def test_motion_blur_is_imagemagicks_half_gaussian_line():
 
 
 def test_plasma_fractal_is_normalised_per_sample():
-    draw = _Draw(torch.zeros(3, 1, 1, 1), torch.tensor([0, 1, 2]))
+    draw = Draw(torch.zeros(3, 1, 1, 1), torch.tensor([0, 1, 2]))
     m = EX.plasma_fractal(draw, 64, 2.0, stream=300)
     assert m.shape == (3, 64, 64) and not torch.equal(m[0], m[1])
     assert (m.amin(dim=(1, 2)) == 0).all() and (m.amax(dim=(1, 2)) == 1).all()
@@ -313,7 +313,7 @@ def test_elastic_affine_is_identity_without_jitter_and_smoothing_keeps_constants
 def test_glass_blur_moves_pixels_within_delta():
     x = torch.rand(2, 1, 40, 40)
     # no blur (σ tiny) isolates the shuffle: offsets are randint(-delta, delta), i.e. -3..2 px
-    out = EX.glass_blur(x, (1e-3, 3, 1), _Draw(x, torch.tensor([0, 1])))
+    out = EX.glass_blur(x, (1e-3, 3, 1), Draw(x, torch.tensor([0, 1])))
     pad = F.pad(x, (3, 2, 3, 2), mode="replicate").unfold(2, 6, 1).unfold(3, 6, 1)
     near = (pad - out[..., None, None]).abs().amin(dim=(-1, -2))
     assert near.max() < 1e-6 and not torch.equal(out, x)

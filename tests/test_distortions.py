@@ -4,7 +4,9 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from distortkd import blur
 from distortkd import distortions as D
+from distortkd.draws import Draw, sample_seeds
 from distortkd.errors import UserError
 
 
@@ -49,7 +51,7 @@ def test_blur_matches_torchvision(images, preset):
 def test_per_sample_blur_on_non_square_images_matches_torchvision(size, kernel):
     x = torch.rand(3, 2, *size, generator=torch.Generator().manual_seed(1))
     sigmas = torch.tensor([1.0, 4.0, 9.0])
-    out = D._separable_blur(x, D._blur_kernel(kernel, sigmas, kernel))
+    out = blur.separable_blur(x, blur.blur_kernel(kernel, sigmas, kernel))
     for i, sigma in enumerate(sigmas.tolist()):
         ref = TF.gaussian_blur(x[i : i + 1], [kernel] * 2, [sigma] * 2)
         assert (out[i : i + 1] - ref).abs().max() < 1e-5, sigma
@@ -78,8 +80,8 @@ def test_seeded_is_pure_function_of_image_and_seed(images, name):
 
 def test_sample_seeds_depend_on_index_and_run():
     idx = torch.arange(5)
-    assert len(set(D.sample_seeds(idx, 0).tolist())) == 5
-    assert not torch.equal(D.sample_seeds(idx, 0), D.sample_seeds(idx, 1))
+    assert len(set(sample_seeds(idx, 0).tolist())) == 5
+    assert not torch.equal(sample_seeds(idx, 0), sample_seeds(idx, 1))
 
 
 @pytest.mark.parametrize("name", list(D.PRESETS) + ["mixed"])
@@ -97,7 +99,7 @@ def test_low_precision_and_autocast(images, name, dtype):
 def test_mixed_frequencies_and_ranges():
     mixed = D.build("mixed", families=["mask", "gaussian_noise", "gaussian_blur"], weights=[2, 1, 1],
                     mask_ratio=[0.5, 0.95])
-    draw = D._Draw(torch.zeros(20000, 1, 1, 1), torch.arange(20000))
+    draw = Draw(torch.zeros(20000, 1, 1, 1), torch.arange(20000))
     choice, severity = mixed.draw_params(draw)
     freq = torch.bincount(choice, minlength=3).float() / len(choice)
     assert torch.allclose(freq, torch.tensor([0.5, 0.25, 0.25]), atol=0.015)
@@ -174,7 +176,7 @@ def test_range_draws_one_severity_per_sample_uniformly(family, param, bounds, se
 def test_ranged_blur_sample_equals_stand_alone_blur_at_its_sigma(images, kernel_size):
     seeds = torch.arange(4) + 11
     dist = D.build("gaussian_blur", sigma=[0.5, 3.0], kernel_size=kernel_size)
-    sigma = D._uniform_severity(D._Draw(images, seeds), 0.5, 3.0)  # the draw `mixed` makes too
+    sigma = D.uniform_severity(Draw(images, seeds), 0.5, 3.0)  # the draw `mixed` makes too
     out = dist(images, seeds)
     for i, s in enumerate(sigma.tolist()):
         k = kernel_size or 2 * round(2 * s) + 1
@@ -189,7 +191,7 @@ def test_fixed_number_keeps_the_fixed_draw(images, family, param, value, seeded)
     torch.manual_seed(3)
     out = D.build(family, **{param: value})(images, seeds)
     torch.manual_seed(3)
-    draw = D._Draw(images, seeds)
+    draw = Draw(images, seeds)
     if family == "mask":
         expected = images * (draw.uniform(1, *images.shape[2:], stream=1) >= value).to(images.dtype)
     else:
@@ -213,7 +215,7 @@ def test_fixed_number_keeps_the_fixed_draw(images, family, param, value, seeded)
 def test_bad_range_is_one_line_naming_value_and_interval(family, params, value):
     with pytest.raises(UserError) as err:
         D.build(family, **params)
-    name, lo, hi = D.SEVERITY_RANGE[family]
+    name, (lo, hi) = D.FAMILIES[family].param, D.FAMILIES[family].bounds
     message = str(err.value)
     assert f"{name} range {value!r}" in message and f"accepted: a number or [low, high], {lo} <= low <= high <= {hi}" in message
     assert "\n" not in message
