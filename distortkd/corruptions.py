@@ -21,10 +21,7 @@ Deviations from the reference, all deliberate:
     each value with probability ``amount`` (current skimage) instead of ``ceil(amount·size/2)``
     salt and pepper coordinates drawn with replacement (skimage ≤ 0.14, slightly fewer hits).
   * Non-square images: crops and resizes are computed per axis (the reference assumes H = W).
-  * Glass/motion blur, snow, fog, frost and elastic live in ``imagenetc_extra`` (their deviations
-    there: batched glass-blur swaps, ImageMagick's motion kernel re-expressed, float snow layer).
-  * Not implemented: spatter (its water branch needs cv2's Canny, distance transform and
-    histogram equalisation).
+  * Glass/motion blur, snow, fog, frost, elastic and spatter: ``imagenetc_extra`` (deviations there).
 
 Kept although odd: levels 4-5 of defocus blur brighten by ~1 % (see ``_disk``), levels 4-5 of
 saturate turn grey pixels reddish (skimage's hue 0), and saturate is not monotone in distance
@@ -73,6 +70,8 @@ PARAMS: dict[str, tuple] = {
     "gaussian_blur": (1, 2, 3, 4, 6),  # σ, pixels
     # (factor, offset) on HSV saturation: levels 1-2 desaturate, 3-5 oversaturate
     "saturate": ((0.3, 0), (0.1, 0), (2, 0), (5, 0.1), (20, 0.2)),
+    "spatter": ((0.65, 0.3, 4, 0.69, 0.6, 0), (0.65, 0.3, 3, 0.68, 0.6, 0), (0.65, 0.3, 2, 0.68, 0.5, 0),
+                (0.65, 0.3, 1, 0.65, 1.5, 1), (0.67, 0.4, 1, 0.65, 1.5, 1)),  # see extra.spatter
     "glass_blur": ((0.7, 1, 2), (0.9, 2, 1), (1, 2, 3), (1.1, 3, 2), (1.5, 4, 2)),  # (σ px, max
     # offset px, shuffle rounds)
     "motion_blur": ((10, 3), (15, 5), (15, 8), (15, 12), (20, 15)),  # ImageMagick (radius, σ), px
@@ -322,6 +321,7 @@ snow = _corruption(extra.snow)
 frost = _corruption(extra.frost)
 fog = _corruption(extra.fog)
 elastic_transform = _corruption(extra.elastic_transform)
+spatter = _corruption(extra.spatter)
 
 # ImageNet-C's order (noise, blur, weather, digital), then its extra "validation" corruptions.
 CORRUPTIONS: dict[str, Callable[[Tensor, int, Draw], Tensor]] = {
@@ -342,6 +342,7 @@ CORRUPTIONS: dict[str, Callable[[Tensor, int, Draw], Tensor]] = {
     "jpeg_compression": jpeg_compression,
     "speckle_noise": speckle_noise,
     "gaussian_blur": gaussian_blur,
+    "spatter": spatter,
     "saturate": saturate,
 }
 
@@ -382,12 +383,10 @@ RGB_ONLY = ("saturate",)  # colour corruptions: undefined for one-channel images
 def heldout_suite(in_chans: int = 3) -> list[Corruption]:
     """Every corruption at every severity, in ``HELDOUT`` order, levels 1..5 within each.
 
-    One-channel models: colour-only corruptions (``saturate``: hue/saturation are undefined) are
-    left out. Every other one runs on grey images: snow brightens towards its own grey (the
-    reference's cv2 RGB2GRAY of a grey image), frost adds the photograph's luma, fog adds its
-    one-channel plasma, the blurs and elastic act per channel. Frost needs the benchmark's
-    photographs (``$DISTORTKD_FROST_DIR``): without the variable it is left out with a notice
-    on stderr; a folder lacking some files is a UserError naming them.
+    One-channel models: ``saturate`` (hue/saturation undefined) is left out; snow brightens towards
+    its own grey, frost and spatter add their colour's luma, fog its one-channel plasma, the blurs and
+    elastic act per channel. Frost needs the benchmark's photographs (``$DISTORTKD_FROST_DIR``):
+    unset, it is left out with a notice on stderr; a folder lacking files is a UserError naming them.
     """
     names = [n for n in HELDOUT if in_chans == 3 or n not in RGB_ONLY]
     folder = extra.frost_dir()
