@@ -28,7 +28,7 @@ from distortkd.draws import Draw
 from distortkd.errors import unknown
 
 
-def _mixable() -> list[str]:
+def mixable() -> list[str]:
     """What ``mixed`` may draw: ``clean`` and every family that defines ``per_sample``."""
     return ["clean", *(f for f in with_severity()
                        if DISTORTIONS[f].per_sample.__func__ is not Distortion.per_sample.__func__)]
@@ -54,7 +54,7 @@ class Mixed(Distortion):
     record = Family("Mixed", "MX", prefix="mixed")
 
     def __post_init__(self):
-        fams, accepted = self.families, _mixable()
+        fams, accepted = self.families, mixable()
         require(isinstance(fams, Sequence) and not isinstance(fams, str) and len(fams) > 0, "mixed",
                  "families", fams, f"a non-empty list of {', '.join(accepted)}")
         for f in fams:

@@ -382,8 +382,9 @@ def test_cvops_canny_keeps_weak_edges_only_when_joined_to_strong_ones():
 
 
 def test_cvops_equalize_hist_spreads_the_levels():
-    x = torch.tensor([10.0] * 6 + [20.0] * 3 + [30.0] * 7).view(1, 1, 4, 4)
+    """The lowest level maps to 0, the others to the rounded share of the pixels above it."""
+    x = torch.tensor([10.0] * 7 + [20.0] * 2 + [30.0] * 7).view(1, 1, 4, 4)
     out = cvops.equalize_hist(x)
-    assert sorted(set(out.flatten().tolist())) == [0.0, round(255 * 3 / 10), 255.0]
+    assert sorted(set(out.flatten().tolist())) == [0.0, round(255 * 2 / 9), 255.0]
     flat = torch.full((1, 1, 4, 4), 77.0)
     assert torch.equal(cvops.equalize_hist(flat), flat)

@@ -1,13 +1,19 @@
 """Distortions: statistics, agreement with torchvision, seeded determinism, dtypes, bad input."""
 
+from dataclasses import fields
+from itertools import pairwise
+from pathlib import Path
+
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torchvision.transforms.v2 import functional as TF
 
-from distortkd import blur
+from distortkd import CONF, blur
 from distortkd import distortions as D
 from distortkd.draws import Draw, sample_seeds
 from distortkd.errors import UserError
+from distortkd.mixed import Mixed, mixable
 
 
 @pytest.fixture
@@ -219,3 +225,53 @@ def test_bad_range_is_one_line_naming_value_and_interval(family, params, value):
     message = str(err.value)
     assert f"{name} range {value!r}" in message and f"accepted: a number or [low, high], {lo} <= low <= high <= {hi}" in message
     assert "\n" not in message
+
+
+# Registry-wide tests (timm's style): every registered family and preset, a new one included.
+@pytest.mark.parametrize("family", list(D.families()))
+def test_every_family_record_is_complete(family):
+    record, cls = D.FAMILIES[family], D.DISTORTIONS[family]
+    assert cls.family == family and record.label and record.short
+    if record.param:
+        lo, hi = record.bounds
+        assert record.param in {f.name for f in fields(cls)} and record.prefix
+        assert len(record.grid) >= 2 and all(lo <= s <= hi for s in record.grid)
+    assert record.strong is None or record.strong in record.presets
+    for preset in record.presets:
+        assert isinstance(D.build(preset), cls)
+
+
+@pytest.mark.parametrize("family", D.with_severity())
+def test_every_family_grows_with_severity_over_its_evaluation_grid(family):
+    x = torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(2))
+    seeds = torch.tensor([4, 9])
+    change = []
+    for s in D.grid(family):
+        dist = D.at_severity(family, s)
+        out = dist(x, seeds)
+        assert out.shape == x.shape and out.dtype == x.dtype and out.min() >= 0 and out.max() <= 1
+        assert torch.equal(out, dist(x, seeds)) and dist.severity == s
+        change.append((out - x).abs().mean().item())
+    assert change[0] > 0 and all(a < b for a, b in pairwise(change)), change
+
+
+@pytest.mark.parametrize("family", mixable()[1:])  # after clean
+def test_mixed_draws_every_family_as_that_family_at_its_severity(family):
+    """``mixed`` restricted to one family and one severity is that family at that severity."""
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    seeds = torch.arange(3) + 5
+    record = D.FAMILIES[family]
+    s = record.grid[1]
+    own = f"{record.prefix}_{record.param}"
+    params = {own: [s, s]} if own in {f.name for f in fields(Mixed)} else {"ranges": {family: [s, s]}}
+    mixed = D.build("mixed", families=[family], **params)
+    assert (mixed(x, seeds) - D.at_severity(family, s)(x, seeds)).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("preset", [p for p, (f, _) in D.PRESETS.items()
+                                    if D.DISTORTIONS[f].__module__.startswith("distortkd.")])
+def test_every_shipped_preset_is_its_config_file(preset):
+    """A preset of a family shipped with the package has its ``conf/distortion`` file, equal."""
+    cfg = OmegaConf.load(Path(CONF) / "distortion" / f"{preset}.yaml")
+    family, params = D.PRESETS[preset]
+    assert (cfg.name, cfg.family, OmegaConf.to_container(cfg.params)) == (preset, family, params)
