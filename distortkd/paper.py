@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from distortkd import curves, distortions, figures
+from distortkd import curves, figures
 from distortkd.runs import ROW_METRICS
 from distortkd.selection import (
     METHODS,
@@ -35,14 +35,19 @@ from distortkd.tables import MISSING, Table, make_tables, setting_labels
 
 
 # Families, labels, presets and strong presets are read from the families' records at each call
-# (``distortions.families()``), so a newly registered family appears in every table below.
+# (``distortions.families()``), so a newly registered family appears in every table below. Imported
+# when first needed: the records live with the distortions, which import torch.
 def _families() -> dict[str, tuple[str, str]]:
     """``{family: (short, label)}`` in registration order."""
+    from distortkd import distortions
+
     return {name: (r.short, r.label) for name, r in distortions.families().items()}
 
 
 def _presets() -> list[str]:
     """Every preset: those of the families with a severity axis first (the paper's order)."""
+    from distortkd import distortions
+
     fams = distortions.families()
     return sorted(distortions.PRESETS, key=lambda p: fams[distortions.PRESETS[p][0]].param is None)
 
@@ -50,6 +55,8 @@ def _presets() -> list[str]:
 def _strong() -> list[str]:
     """Each family's strong preset (tables 2 and 3; the students' order in the k-NN table, the
     other students following sorted)."""
+    from distortkd import distortions
+
     return [r.strong for r in distortions.families().values() if r.strong]
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from distortkd import distortions, rundir
+from distortkd import rundir
 from distortkd.errors import UserError
 
 CONFIG_FIELDS = ("task", "experiment", "method", "seed", "model.name", "data.name",
@@ -102,7 +102,10 @@ def _finite_rows(raw: object) -> tuple[list[dict], list[str]]:
 
 def _family_of(preset: str) -> str | None:
     """The family of a preset named in a config that predates ``distortion.family``, by the
-    name's first word (``noise_strong`` -> gaussian_noise), from the families' records."""
+    name's first word (``noise_strong`` -> gaussian_noise), from the families' records (imported
+    here: they live with the distortions, which import torch)."""
+    from distortkd import distortions
+
     prefixes = {record.prefix: name for name, record in distortions.families().items() if record.prefix}
     return prefixes.get(preset.split("_")[0])
 
