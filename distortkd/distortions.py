@@ -77,7 +77,7 @@ def register_distortion(cls: type[Distortion]) -> type[Distortion]:
     Raises:
         ValueError: the family or one of its presets is already registered (a programming error).
     """
-    clash = sorted(({cls.family} & {*DISTORTIONS, *PRESETS}) | (set(cls.record.presets) & {*DISTORTIONS, *PRESETS}))
+    clash = sorted(({cls.family} | set(cls.record.presets)) & {*DISTORTIONS, *PRESETS})
     if clash:
         raise ValueError(f"distortion {cls.__name__}: {', '.join(clash)} already registered")
     DISTORTIONS[cls.family] = cls

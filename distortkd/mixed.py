@@ -67,14 +67,20 @@ class Mixed(Distortion):
         object.__setattr__(self, "weights", tuple(float(x) for x in w))
         for name in ("mask_ratio", "noise_sigma", "blur_sigma"):  # the paper's three: checked always
             object.__setattr__(self, name, check_range(getattr(self, name), "mixed", name, *self._bounds(name)))
-        ranges = dict(self.ranges or {})
-        for f in fams:
-            if f != "clean" and self._field(f) is None:
-                require(f in ranges, "mixed", f"ranges.{f}", None, "[low, high] for every family "
-                         "without its own parameter")
-                ranges[f] = check_range(ranges[f], "mixed", f"ranges.{f}", *FAMILIES[f].bounds)
-        # a tuple of pairs keeps the instance hashable; None when unused keeps describe() as before
-        object.__setattr__(self, "ranges", tuple(sorted(ranges.items())) or None)
+        object.__setattr__(self, "ranges", self._other_ranges())
+
+    def _other_ranges(self) -> tuple | None:
+        """``ranges`` checked: one ``[low, high]`` for each drawn family without a parameter of its
+        own here, nothing else; as sorted pairs (hashable), None when there are none (as before)."""
+        given = dict(self.ranges or {})
+        needed = [f for f in self.families if f != "clean" and self._field(f) is None]
+        for f in sorted(set(given) - set(needed)):
+            raise unknown("mixed ranges family (one of families, without its own parameter)", f,
+                          needed or ["none"])
+        missing = [f for f in needed if f not in given]
+        require(not missing, "mixed", "ranges", self.ranges, f"[low, high] for {', '.join(missing)}")
+        return tuple((f, check_range(given[f], "mixed", f"ranges.{f}", *FAMILIES[f].bounds))
+                     for f in sorted(needed)) or None
 
     @staticmethod
     def _field(family: str) -> str | None:

@@ -9,12 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from toy_family import Quantize, write_config
 
 from distortkd import build, cli, report  # cli: the config resolvers (init_for, ...)
 from distortkd import distortions as D
+from distortkd.errors import UserError
 from distortkd.evaluation import grid_cells
 
 TESTS = Path(__file__).resolve().parent
@@ -65,6 +67,20 @@ def test_config_file_and_evaluation_grid_come_from_the_class_and_its_yaml(toy):
     chain = _cfg("evaluate", toy, ["distortion=compose"])  # no severity axis: every family's grid
     assert "quantize" in {name for name, _, _ in grid_cells(chain)}
     assert "quantize" in D.build("mixed", families=["quantize"], ranges={"quantize": [0.1, 0.3]}).families
+
+
+def test_mixed_draws_a_new_family_from_the_range_it_is_given(toy):
+    """``mixed`` has parameters for the paper's three families; a new one's range goes in
+    ``ranges``, required for it and refused for a family with a parameter of its own."""
+    x = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    mixed = D.build("mixed", families=["quantize", "mask"], ranges={"quantize": [0.2, 0.2]})
+    out, seeds = mixed(x, torch.arange(64)), torch.arange(64)
+    quantized = (out == Quantize(step=0.2)(x, seeds)).flatten(1).all(1)
+    assert 10 < quantized.sum() < 54  # about half the samples drew quantize, the rest mask
+    with pytest.raises(UserError, match=r"mixed ranges None is invalid; accepted: \[low, high\] for quantize"):
+        D.build("mixed", families=["quantize"])
+    with pytest.raises(UserError, match="unknown mixed ranges family .* 'mask'; accepted: none"):
+        D.build("mixed", families=["mask"], ranges={"mask": [0.1, 0.2]})
 
 
 def _run(root: Path, conf: Path, entry: str, overrides: list[str], metrics: dict) -> None:
