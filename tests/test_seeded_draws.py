@@ -35,7 +35,7 @@ def _unhash(x: int) -> int:
 def _seed_hitting(value: int, index: int, stream: int) -> int:
     """A per-sample seed whose draw number ``index`` of ``stream`` hashes to ``value``.
 
-    Inverts ``_Draw``: ``value = h(h(key ^ h(seed)))`` with ``key = h(index + stream·φ)`` (for seeds
+    Inverts ``Draw``: ``value = h(h(key ^ h(seed)))`` with ``key = h(index + stream·φ)`` (for seeds
     below 2**32 the high half contributes ``h(0) = 0``).
     """
     key = _hash((index + stream * 0x9E3779B9) & M32)
@@ -54,7 +54,7 @@ def test_seed_construction_hits_the_edge_hash_values():
     x = torch.tensor([0, 1, 12345, TOP])
     assert draws._hash32(x).tolist() == [_hash(v) for v in x.tolist()]
     assert all(_unhash(_hash(v)) == v for v in (0, 1, 0xDEADBEEF, TOP))
-    seeds = draws._hash32(_edge_seeds((3, 4, 4), stream=2))  # as _Draw hashes them
+    seeds = draws._hash32(_edge_seeds((3, 4, 4), stream=2))  # as Draw hashes them
     key = draws._hash32(torch.tensor([0, 47]) + 2 * 0x9E3779B9 & M32)
     hashed = draws._hash32(draws._hash32(key[[0, 1, 0, 1]] ^ seeds))
     assert hashed.tolist() == [TOP, TOP, 0, 0]
