@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
-from distortkd.distortions import sample_seeds
+from distortkd.draws import sample_seeds
 
 
 class AttentionPanels(L.Callback):

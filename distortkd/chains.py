@@ -15,14 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from distortkd.distortions import DISTORTIONS, PLUGINS, PRESETS, Distortion, _Draw, build
+from distortkd.distortions import Distortion, Family, build, names, register_distortion
+from distortkd.draws import Draw
 from distortkd.errors import UserError
 
 STEP_KEYS = ("family", "params")
-
-
-def _accepted() -> str:
-    return ", ".join(sorted({*DISTORTIONS, *PRESETS, *PLUGINS}))
 
 
 def build_step(index: int, step: object) -> Distortion:
@@ -36,8 +33,8 @@ def build_step(index: int, step: object) -> Distortion:
     if extra:
         raise UserError(f"{where} has unknown key {', '.join(map(str, extra))}; accepted: {', '.join(STEP_KEYS)}")
     family, params = step["family"], step.get("params") or {}
-    if not isinstance(family, str) or family not in {*DISTORTIONS, *PRESETS, *PLUGINS}:
-        raise UserError(f"unknown distortion {family!r} in {where}; accepted: {_accepted()}")
+    if not isinstance(family, str) or family not in names():
+        raise UserError(f"unknown distortion {family!r} in {where}; accepted: {', '.join(sorted(names()))}")
     if not isinstance(params, Mapping):
         raise UserError(f"{where} params {params!r} is invalid; accepted: a mapping of {family}'s parameters")
     try:
@@ -46,12 +43,14 @@ def build_step(index: int, step: object) -> Distortion:
         raise UserError(f"{where}: {err}") from None
 
 
+@register_distortion
 @dataclass(frozen=True)
 class Compose(Distortion):
     """Applies ``steps`` in order; each a ``{family, params}`` mapping (or a built distortion)."""
 
     steps: tuple = ()
     family = "compose"
+    record = Family("Chain", "CH")
 
     def __post_init__(self):
         steps = self.steps
@@ -60,7 +59,7 @@ class Compose(Distortion):
                             "{family: <name>, params: {...}}")
         object.__setattr__(self, "steps", tuple(build_step(i, s) for i, s in enumerate(steps)))
 
-    def apply(self, images: Tensor, draw: _Draw) -> Tensor:
+    def apply(self, images: Tensor, draw: Draw) -> Tensor:
         # Intermediates in float32 (or wider): rounding to bf16 between steps would shift e.g. a
         # shot-noise sample by a whole photon and change what the JPEG step quantises.
         x = images.to(torch.promote_types(images.dtype, torch.float32))
@@ -75,5 +74,3 @@ class Compose(Distortion):
     def describe(self) -> dict:
         return {"family": self.family, "steps": [step.describe() for step in self.steps]}
 
-
-DISTORTIONS["compose"] = Compose

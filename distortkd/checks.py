@@ -111,7 +111,7 @@ def check_finetune(cfg: DictConfig) -> None:
 def check_evaluate(cfg: DictConfig) -> None:
     _require(cfg.suite in SUITES, "suite", cfg.suite, ", ".join(SUITES))
     stored_cells(cfg)  # a published benchmark's files: their layout, before any work
-    accepted = {*distortions.DISTORTIONS, *distortions.PLUGINS}  # without a severity axis: every family
+    accepted = distortions.families()  # without a severity axis: every family
     for family in cfg.families:
         if family not in accepted:
             raise unknown("evaluation family", family, accepted)

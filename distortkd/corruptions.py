@@ -2,7 +2,7 @@
 
 Every corruption takes images ``[B, C, H, W]`` float in ``[0, 1]`` (any float dtype, any device)
 and returns the same shape and dtype, clamped to ``[0, 1]``. Computation runs in float32 (float64
-stays float64). Randomness comes from ``_Draw``, so with ``seeds`` the output is a pure function of
+stays float64). Randomness comes from ``Draw``, so with ``seeds`` the output is a pure function of
 (image, seed), the same on every device and in every batch composition.
 
 Severity constants are the published ones, verbatim from ``make_imagenet_c.py``
@@ -21,10 +21,7 @@ Deviations from the reference, all deliberate:
     each value with probability ``amount`` (current skimage) instead of ``ceil(amount·size/2)``
     salt and pepper coordinates drawn with replacement (skimage ≤ 0.14, slightly fewer hits).
   * Non-square images: crops and resizes are computed per axis (the reference assumes H = W).
-  * Glass/motion blur, snow, fog, frost and elastic live in ``imagenetc_extra`` (their deviations
-    there: batched glass-blur swaps, ImageMagick's motion kernel re-expressed, float snow layer).
-  * Not implemented: spatter (its water branch needs cv2's Canny, distance transform and
-    histogram equalisation).
+  * Glass/motion blur, snow, fog, frost, elastic and spatter: ``imagenetc_extra`` (deviations there).
 
 Kept although odd: levels 4-5 of defocus blur brighten by ~1 % (see ``_disk``), levels 4-5 of
 saturate turn grey pixels reddish (skimage's hue 0), and saturate is not monotone in distance
@@ -49,7 +46,9 @@ from torch import Tensor
 from torchvision.io import decode_jpeg, encode_jpeg
 
 from distortkd import imagenetc_extra as extra
-from distortkd.distortions import DISTORTIONS, Distortion, _blur_kernel, _Draw
+from distortkd.blur import blur_kernel
+from distortkd.distortions import Distortion, Family, register_distortion
+from distortkd.draws import Draw
 from distortkd.errors import UserError, unknown
 
 LEVELS = (1, 2, 3, 4, 5)
@@ -71,6 +70,8 @@ PARAMS: dict[str, tuple] = {
     "gaussian_blur": (1, 2, 3, 4, 6),  # σ, pixels
     # (factor, offset) on HSV saturation: levels 1-2 desaturate, 3-5 oversaturate
     "saturate": ((0.3, 0), (0.1, 0), (2, 0), (5, 0.1), (20, 0.2)),
+    "spatter": ((0.65, 0.3, 4, 0.69, 0.6, 0), (0.65, 0.3, 3, 0.68, 0.6, 0), (0.65, 0.3, 2, 0.68, 0.5, 0),
+                (0.65, 0.3, 1, 0.65, 1.5, 1), (0.67, 0.4, 1, 0.65, 1.5, 1)),  # see extra.spatter
     "glass_blur": ((0.7, 1, 2), (0.9, 2, 1), (1, 2, 3), (1.1, 3, 2), (1.5, 4, 2)),  # (σ px, max
     # offset px, shuffle rounds)
     "motion_blur": ((10, 3), (15, 5), (15, 8), (15, 12), (20, 15)),  # ImageMagick (radius, σ), px
@@ -97,13 +98,13 @@ PARAMS: dict[str, tuple] = {
 _TINY = 1e-12
 
 
-def _corruption(fn: Callable) -> Callable[[Tensor, int, _Draw], Tensor]:
+def _corruption(fn: Callable) -> Callable[[Tensor, int, Draw], Tensor]:
     """Wraps ``fn(images, param, draw)`` as ``(images, severity, draw)``: validates the level, looks
     up ``PARAMS[fn.__name__]``, computes in float32 or wider, clamps and restores the dtype."""
     params = PARAMS[fn.__name__]
 
     @functools.wraps(fn)
-    def run(images: Tensor, severity: int, draw: _Draw) -> Tensor:
+    def run(images: Tensor, severity: int, draw: Draw) -> Tensor:
         if isinstance(severity, bool) or severity not in LEVELS:
             raise UserError(f"corruption severity {severity!r} is out of range; accepted: 1..5")
         x = images.to(torch.promote_types(images.dtype, torch.float32))
@@ -201,20 +202,20 @@ def _poisson(rate: Tensor, u: Tensor, max_rate: float) -> Tensor:
 
 
 @_corruption
-def gaussian_noise(images: Tensor, sigma: float, draw: _Draw) -> Tensor:
+def gaussian_noise(images: Tensor, sigma: float, draw: Draw) -> Tensor:
     """Adds N(0, σ²) per value, σ in pixel values."""
     return images + sigma * draw.normal(*images.shape[1:], stream=101)
 
 
 @_corruption
-def shot_noise(images: Tensor, photons: float, draw: _Draw) -> Tensor:
+def shot_noise(images: Tensor, photons: float, draw: Draw) -> Tensor:
     """Poisson(x · photons) / photons per value: fewer photons, more noise."""
     u = draw.uniform(*images.shape[1:], stream=102).to(images.dtype)
     return _poisson(images * photons, u, photons) / photons
 
 
 @_corruption
-def impulse_noise(images: Tensor, amount: float, draw: _Draw) -> Tensor:
+def impulse_noise(images: Tensor, amount: float, draw: Draw) -> Tensor:
     """Salt and pepper: each value (channels independently) becomes 0 or 1 with probability
     ``amount``, salt and pepper equally likely."""
     hit = draw.uniform(*images.shape[1:], stream=103) < amount
@@ -223,27 +224,27 @@ def impulse_noise(images: Tensor, amount: float, draw: _Draw) -> Tensor:
 
 
 @_corruption
-def speckle_noise(images: Tensor, sigma: float, draw: _Draw) -> Tensor:
+def speckle_noise(images: Tensor, sigma: float, draw: Draw) -> Tensor:
     """Multiplicative noise x + x · N(0, σ²)."""
     return images + images * sigma * draw.normal(*images.shape[1:], stream=105)
 
 
 @_corruption
-def gaussian_blur(images: Tensor, sigma: float, draw: _Draw) -> Tensor:
+def gaussian_blur(images: Tensor, sigma: float, draw: Draw) -> Tensor:
     """skimage ``gaussian(sigma)``: taps out to 4σ, edge pixels replicated (``mode='nearest'``)."""
     size = 2 * int(4 * sigma + 0.5) + 1
-    taps = _blur_kernel(size, torch.tensor([float(sigma)]), size)  # [1, size]
+    taps = blur_kernel(size, torch.tensor([float(sigma)]), size)  # [1, size]
     return _filter2d(_filter2d(images, taps, "replicate"), taps.T, "replicate")
 
 
 @_corruption
-def defocus_blur(images: Tensor, param: tuple, draw: _Draw) -> Tensor:
+def defocus_blur(images: Tensor, param: tuple, draw: Draw) -> Tensor:
     """Convolution with an anti-aliased disk of the given radius in pixels (``cv2.filter2D``)."""
     return _filter2d(images, _disk(*param), "reflect")
 
 
 @_corruption
-def zoom_blur(images: Tensor, param: tuple, draw: _Draw) -> Tensor:
+def zoom_blur(images: Tensor, param: tuple, draw: Draw) -> Tensor:
     """Mean of the image and its centre zooms by 1, 1 + step, ..., as in ImageNet-C."""
     step, count = param
     out = images.clone()
@@ -253,7 +254,7 @@ def zoom_blur(images: Tensor, param: tuple, draw: _Draw) -> Tensor:
 
 
 @_corruption
-def brightness(images: Tensor, shift: float, draw: _Draw) -> Tensor:
+def brightness(images: Tensor, shift: float, draw: Draw) -> Tensor:
     """HSV value V ← min(V + shift, 1), hue and saturation kept (skimage rgb2hsv → hsv2rgb).
 
     Closed form: with H and S fixed every channel is V · (1 − S · g(H)), i.e. proportional to V, so
@@ -265,14 +266,14 @@ def brightness(images: Tensor, shift: float, draw: _Draw) -> Tensor:
 
 
 @_corruption
-def contrast(images: Tensor, factor: float, draw: _Draw) -> Tensor:
+def contrast(images: Tensor, factor: float, draw: Draw) -> Tensor:
     """Scales each channel's deviation from its per-image spatial mean by ``factor``."""
     mean = images.mean(dim=(2, 3), keepdim=True)
     return (images - mean) * factor + mean
 
 
 @_corruption
-def saturate(images: Tensor, param: tuple, draw: _Draw) -> Tensor:
+def saturate(images: Tensor, param: tuple, draw: Draw) -> Tensor:
     """HSV saturation S ← clip(S · factor + offset, 0, 1), hue and value kept (RGB only).
 
     Closed form of skimage's rgb2hsv → hsv2rgb: each channel is V · (1 − S · g) with
@@ -292,7 +293,7 @@ def saturate(images: Tensor, param: tuple, draw: _Draw) -> Tensor:
 
 
 @_corruption
-def pixelate(images: Tensor, factor: float, draw: _Draw) -> Tensor:
+def pixelate(images: Tensor, factor: float, draw: Draw) -> Tensor:
     """PIL BOX downscale to ``int(H · factor) × int(W · factor)``, then BOX upscale back."""
     h, w = images.shape[-2:]
     small = _box_resize(images, int(h * factor), int(w * factor))
@@ -300,7 +301,7 @@ def pixelate(images: Tensor, factor: float, draw: _Draw) -> Tensor:
 
 
 @_corruption
-def jpeg_compression(images: Tensor, quality: int, draw: _Draw) -> Tensor:
+def jpeg_compression(images: Tensor, quality: int, draw: Draw) -> Tensor:
     """JPEG round trip at ``quality`` with libjpeg (as PIL: 4:2:0 chroma), via uint8 on the CPU.
 
     ``encode_jpeg``/``decode_jpeg`` take lists of ``[C, H, W]`` uint8 tensors and loop over them
@@ -320,9 +321,10 @@ snow = _corruption(extra.snow)
 frost = _corruption(extra.frost)
 fog = _corruption(extra.fog)
 elastic_transform = _corruption(extra.elastic_transform)
+spatter = _corruption(extra.spatter)
 
 # ImageNet-C's order (noise, blur, weather, digital), then its extra "validation" corruptions.
-CORRUPTIONS: dict[str, Callable[[Tensor, int, _Draw], Tensor]] = {
+CORRUPTIONS: dict[str, Callable[[Tensor, int, Draw], Tensor]] = {
     "gaussian_noise": gaussian_noise,
     "shot_noise": shot_noise,
     "impulse_noise": impulse_noise,
@@ -340,15 +342,18 @@ CORRUPTIONS: dict[str, Callable[[Tensor, int, _Draw], Tensor]] = {
     "jpeg_compression": jpeg_compression,
     "speckle_noise": speckle_noise,
     "gaussian_blur": gaussian_blur,
+    "spatter": spatter,
     "saturate": saturate,
 }
 
 HELDOUT: tuple[str, ...] = tuple(CORRUPTIONS)
 
 
+@register_distortion
 @dataclass(frozen=True)
 class Corruption(Distortion):
-    """One ImageNet-C corruption ``name`` at ``severity`` 1..5 (see ``PARAMS``)."""
+    """One ImageNet-C corruption ``name`` at ``severity`` 1..5 (see ``PARAMS``), e.g.
+    ``build("corruption", name="shot_noise", severity=3)``."""
 
     name: str = "gaussian_noise"
     # A field may share the name of the base class's ``severity`` property only because it has a
@@ -356,6 +361,8 @@ class Corruption(Distortion):
     # store their own int. Without a default, dataclass would take the property as the default.
     severity: int = 3
     family = "corruption"
+    # No one severity axis (a level needs a name); ``grid``: the levels of the held-out suite.
+    record = Family("ImageNet-C corruption", "IC", grid=LEVELS)
 
     def __post_init__(self):
         if not isinstance(self.name, str) or self.name not in CORRUPTIONS:
@@ -366,7 +373,7 @@ class Corruption(Distortion):
             )
         object.__setattr__(self, "severity", int(self.severity))
 
-    def apply(self, images: Tensor, draw: _Draw) -> Tensor:
+    def apply(self, images: Tensor, draw: Draw) -> Tensor:
         return CORRUPTIONS[self.name](images, self.severity, draw)
 
 
@@ -376,12 +383,10 @@ RGB_ONLY = ("saturate",)  # colour corruptions: undefined for one-channel images
 def heldout_suite(in_chans: int = 3) -> list[Corruption]:
     """Every corruption at every severity, in ``HELDOUT`` order, levels 1..5 within each.
 
-    One-channel models: colour-only corruptions (``saturate``: hue/saturation are undefined) are
-    left out. Every other one runs on grey images: snow brightens towards its own grey (the
-    reference's cv2 RGB2GRAY of a grey image), frost adds the photograph's luma, fog adds its
-    one-channel plasma, the blurs and elastic act per channel. Frost needs the benchmark's
-    photographs (``$DISTORTKD_FROST_DIR``): without the variable it is left out with a notice
-    on stderr; a folder lacking some files is a UserError naming them.
+    One-channel models: ``saturate`` (hue/saturation undefined) is left out; snow brightens towards
+    its own grey, frost and spatter add their colour's luma, fog its one-channel plasma, the blurs and
+    elastic act per channel. Frost needs the benchmark's photographs (``$DISTORTKD_FROST_DIR``):
+    unset, it is left out with a notice on stderr; a folder lacking files is a UserError naming them.
     """
     names = [n for n in HELDOUT if in_chans == 3 or n not in RGB_ONLY]
     folder = extra.frost_dir()
@@ -393,7 +398,5 @@ def heldout_suite(in_chans: int = 3) -> list[Corruption]:
         names.remove("frost")
     else:
         extra.check_frost_dir(folder)
-    return [Corruption(name, level) for name in names for level in LEVELS]
+    return [Corruption(name, level) for name in names for level in Corruption.record.grid]
 
-
-DISTORTIONS["corruption"] = Corruption  # build("corruption", name="shot_noise", severity=3)

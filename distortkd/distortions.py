@@ -1,4 +1,4 @@
-"""Batched, device-side image distortions: random pixel masking, Gaussian noise, Gaussian blur.
+"""Batched, device-side image distortions, and the registry of distortion families.
 
 Every distortion takes images ``[B, C, H, W]`` float in ``[0, 1]`` (any float dtype, any device, under
 autocast too) and returns a tensor of the same shape and dtype. Severities are in pixel-value units
@@ -10,7 +10,14 @@ numbers come from a counter-based hash of (seed, element index) (``distortkd.dra
 validation image gets the same corruption in every epoch, run, process and batch composition.
 
 A mask ratio, noise σ or blur σ may be a range ``[low, high]``: one uniform draw per sample, the
-draw ``Mixed`` makes. Chains of distortions: ``distortkd.chains`` (family ``compose``).
+draw ``Mixed`` makes.
+
+**Families.** Each family is one class with a :class:`Family` record (label, severity parameter,
+evaluation grid, presets), registered with ``@register_distortion``. The report, run parsing,
+``mixed`` (``distortkd.mixed``), the evaluation grid and the held-out suite read the records, so adding a distortion is
+one class plus one YAML file in ``conf/distortion``. ``distortkd.corruptions`` (``corruption``)
+and ``distortkd.chains`` (``compose``) register theirs the same way; :func:`families` loads them
+first so that no reader sees a partial registry.
 """
 
 from __future__ import annotations
@@ -18,14 +25,77 @@ from __future__ import annotations
 import importlib
 import math
 import numbers
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import Tensor
 
-from distortkd.draws import _Draw, _hash32, _unit, sample_seeds, step_seeds  # noqa: F401  (re-exported)
+from distortkd.blur import blur_kernel, odd_kernel, separable_blur
+from distortkd.draws import Draw
 from distortkd.errors import UserError, unknown
+
+
+@dataclass(frozen=True)
+class Family:
+    """What every consumer knows of a distortion family, in one place.
+
+    Attributes:
+        label: its name in the report ("Gaussian Noise"); ``short``: in table 2's rows ("GN").
+        prefix: the first word of its presets' names (``noise`` in ``noise_strong``): gives the
+            family of a run whose config predates ``distortion.family``, and names ``mixed``'s
+            range parameter ``<prefix>_<param>`` (``noise_sigma``).
+        param: the parameter its one-number severity sets (figure 2's x-axis); None: no axis.
+        bounds: the interval a per-sample range ``[low, high]`` of ``param`` must lie in.
+        grid: the default evaluation severities (the training severity and beyond).
+        presets: the paper's named settings ``{name: params}``, each also a ``conf/distortion`` file.
+        strong: the preset tables 2 and 3 take.
+    """
+
+    label: str
+    short: str
+    prefix: str = ""
+    param: str | None = None
+    bounds: tuple[float, float] | None = None
+    grid: tuple[float, ...] = ()
+    presets: Mapping[str, Mapping] = field(default_factory=dict)
+    strong: str | None = None
+
+
+# The registries, filled by ``register_distortion`` only: family name -> class, -> record; preset
+# name -> (family, params). Read them through ``families()`` (or ``build``) to see every family.
+DISTORTIONS: dict[str, type[Distortion]] = {}
+FAMILIES: dict[str, Family] = {}
+PRESETS: dict[str, tuple[str, dict]] = {}
+# Modules that register the other built-in families. Named, not imported: they import this module.
+BUILTIN_MODULES = ("distortkd.mixed", "distortkd.corruptions", "distortkd.chains")
+
+
+def register_distortion(cls: type[Distortion]) -> type[Distortion]:
+    """Class decorator: registers ``cls`` under ``cls.family`` with its record ``cls.record``.
+
+    Raises:
+        ValueError: the family or one of its presets is already registered (a programming error).
+    """
+    clash = sorted(({cls.family} | set(cls.record.presets)) & {*DISTORTIONS, *PRESETS})
+    if clash:
+        raise ValueError(f"distortion {cls.__name__}: {', '.join(clash)} already registered")
+    DISTORTIONS[cls.family] = cls
+    FAMILIES[cls.family] = cls.record
+    PRESETS.update({name: (cls.family, dict(params)) for name, params in cls.record.presets.items()})
+    return cls
+
+
+def families() -> dict[str, Family]:
+    """Every registered family's record, in registration order (the built-in modules loaded)."""
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)
+    return FAMILIES
+
+
+def with_severity() -> list[str]:
+    """The families with a one-number severity axis (figure 2's panels, the evaluation grid)."""
+    return [name for name, record in families().items() if record.param]
 
 
 def _is_real(value) -> bool:
@@ -33,7 +103,7 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _require(ok: bool, family: str, name: str, value, accepted: str) -> None:
+def require(ok: bool, family: str, name: str, value, accepted: str) -> None:
     """Raises the one-line error naming the parameter, its bad value and the accepted ones."""
     if not ok:
         what = "out of range" if isinstance(value, numbers.Real) and not isinstance(value, bool) else "invalid"
@@ -47,139 +117,83 @@ def _check_images(images: Tensor) -> None:
         )
 
 
-def _blur_kernel(kernel_size: Tensor | int, sigma: Tensor, width: int) -> Tensor:
-    """Normalised 1-D Gaussian taps ``[B, width]``, each truncated to its own odd ``kernel_size``.
-
-    A kernel of size k zero-padded to ``width`` and applied with reflect padding of
-    ``(width - 1) / 2`` gives exactly the result of size k with padding ``(k - 1) / 2``: reflection is
-    the same function of position whatever the pad width.
-    """
-    x = torch.arange(width, device=sigma.device, dtype=torch.float32) - (width - 1) / 2
-    half = (torch.as_tensor(kernel_size, device=sigma.device) - 1) / 2
-    pdf = torch.exp(-0.5 * (x[None, :] / sigma.float()[:, None]) ** 2)
-    pdf = pdf * (x.abs()[None, :] <= torch.as_tensor(half).reshape(-1, 1))
-    return pdf / pdf.sum(dim=1, keepdim=True)
-
-
-def _reflect_band(kernel: Tensor, n: int) -> Tensor:
-    """``[B, n, n]`` matrices M such that ``x @ M`` convolves the length-n rows of ``x`` with the
-    taps ``kernel [B, K]`` under reflect padding (the edge pixel not repeated, as ``F.pad``)."""
-    b, width = kernel.shape
-    taps = torch.arange(width, device=kernel.device) - (width - 1) // 2
-    src = torch.arange(n, device=kernel.device)[:, None] + taps  # [n, K]: input index of each tap
-    src = src.abs()
-    src = torch.where(src > n - 1, 2 * (n - 1) - src, src)
-    col = torch.arange(n, device=kernel.device)[:, None].expand(n, width)
-    flat = (src * n + col).reshape(1, -1).expand(b, -1)  # M[src, col] += tap
-    band = torch.zeros(b, n * n, device=kernel.device, dtype=torch.float32)
-    band.scatter_add_(1, flat, kernel.float()[:, None, :].expand(b, n, width).reshape(b, -1))
-    return band.view(b, n, n)
-
-
-def _separable_blur(images: Tensor, kernel: Tensor) -> Tensor:
-    """Separable blur with reflect padding; ``kernel`` is ``[1, K]`` (shared) or ``[B, K]``.
-
-    Written by hand instead of ``torchvision...gaussian_blur`` because torchvision convolves with the
-    full K×K kernel (37² = 1369 taps for the paper's strong blur) where two 1-D passes need 74.
-    Each pass is a product with a banded ``[n, n]`` matrix that folds the reflection in
-    (``Mhᵀ · X · Mw``): more multiply-adds than a depthwise ``conv2d`` (n instead of K per pixel)
-    but run as GEMMs: 7–8× faster on CPU at 224 px (README, Performance), and no pad copy.
-    """
-    b, c, h, w = images.shape
-    width = kernel.shape[-1]
-    if (width - 1) // 2 >= min(h, w):
-        raise UserError(
-            f"blur kernel {width} is too large for {h}x{w} images (reflect padding needs "
-            f"kernel_size < 2*min(H, W) - 1 = {2 * min(h, w) - 1})"
-        )
-    mw = _reflect_band(kernel, w).to(images.dtype)[:, None]  # [1 or B, 1, w, w]
-    mh = _reflect_band(kernel, h).to(images.dtype)[:, None]
-    return mh.mT @ (images @ mw)
-
-
-def _odd_kernel(sigma: float | Tensor) -> Tensor | int:
-    """The kernel size the paper pairs with σ: 4σ + 1 (21 for σ 5, 37 for σ 9), made odd."""
-    if isinstance(sigma, Tensor):
-        return 2 * torch.round(2 * sigma).long() + 1
-    return 2 * round(2 * sigma) + 1
-
-
-def _uniform_severity(draw: _Draw, lo: float | Tensor, hi: float | Tensor) -> Tensor:
+def uniform_severity(draw: Draw, lo: float | Tensor, hi: float | Tensor) -> Tensor:
     """One severity per sample ``[B]``, uniform in ``[lo, hi]`` (numbers, or ``[B]`` per sample)."""
     return lo + (hi - lo) * draw.uniform(1, stream=4).squeeze(1)
 
 
-def _per_sample(value: float | tuple, draw: _Draw) -> float | Tensor:
+def _per_sample(value: float | tuple, draw: Draw) -> float | Tensor:
     """A fixed severity as is; a ``(low, high)`` range as one uniform draw per sample ``[B, 1, 1, 1]``."""
-    return _uniform_severity(draw, *value).view(-1, 1, 1, 1) if isinstance(value, tuple) else value
+    return uniform_severity(draw, *value).view(-1, 1, 1, 1) if isinstance(value, tuple) else value
 
 
 def _blur_per_sample(images: Tensor, sigma: Tensor, lo: float, hi: float, kernel_size: int | None = None) -> Tensor:
     """Blur with one σ per sample ``[B]`` (pixels), σ in ``[lo, hi]``: a kernel of 4σ + 1 taps per
     sample inside the width of ``hi``'s, or ``kernel_size`` taps for every sample."""
     sigma = sigma.clamp_min(lo)  # in Mixed, samples drawn for other families carry other severities
-    width = int(_odd_kernel(hi)) if kernel_size is None else kernel_size
-    size = _odd_kernel(sigma) if kernel_size is None else kernel_size
-    return _separable_blur(images, _blur_kernel(size, sigma, width))
+    width = int(odd_kernel(hi)) if kernel_size is None else kernel_size
+    size = odd_kernel(sigma) if kernel_size is None else kernel_size
+    return separable_blur(images, blur_kernel(size, sigma, width))
 
 
-def _mask(images: Tensor, ratio: float | Tensor, draw: _Draw) -> Tensor:
+def _mask(images: Tensor, ratio: float | Tensor, draw: Draw) -> Tensor:
     """Zeroes each pixel (all channels) with probability ``ratio`` (a number or ``[B, 1, 1, 1]``)."""
     keep = draw.uniform(1, *images.shape[2:], stream=1) >= ratio
     return images * keep.to(images.dtype)
 
 
-def _noise(images: Tensor, sigma: float | Tensor, draw: _Draw, clip: bool = True) -> Tensor:
+def _noise(images: Tensor, sigma: float | Tensor, draw: Draw, clip: bool = True) -> Tensor:
     """Adds N(0, σ²) in pixel-value units (σ a number or ``[B, 1, 1, 1]``), then clamps."""
     noisy = images.float() + sigma * draw.normal(*images.shape[1:], stream=2)
     return (noisy.clamp(0.0, 1.0) if clip else noisy).to(images.dtype)
 
 
-def _numbers(value) -> list | None:
+def as_numbers(value) -> list | None:
     """``value`` as a list if it is a sequence of finite real numbers (not a string), else None."""
     if isinstance(value, str) or not isinstance(value, Sequence) or not all(map(_is_real, value)):
         return None
     return list(value)
 
 
-def _range(value, family: str, name: str, lo: float, hi: float) -> tuple[float, float]:
-    pair = [value, value] if _is_real(value) else _numbers(value)
+def check_range(value, family: str, name: str, lo: float, hi: float) -> tuple[float, float]:
+    pair = [value, value] if _is_real(value) else as_numbers(value)
     ok = pair is not None and len(pair) == 2 and lo <= pair[0] <= pair[1] <= hi
-    _require(ok, family, f"{name} range", value, f"a number or [low, high], {lo} <= low <= high <= {hi}")
+    require(ok, family, f"{name} range", value, f"a number or [low, high], {lo} <= low <= high <= {hi}")
     return float(pair[0]), float(pair[1])
-
-
-# A family's severity parameter and the interval a per-sample range ``[low, high]`` of it must lie in
-# (mask ratio; noise σ in pixel values; blur σ in pixels). ``mixed`` draws from the same intervals.
-SEVERITY_RANGE = {"mask": ("ratio", 0.0, 0.999), "gaussian_noise": ("sigma", 0.0, 10.0),
-                  "gaussian_blur": ("sigma", 0.1, 100.0)}
-# The parameter that a family's one-number severity sets (figure 2's x-axis).
-SEVERITY_PARAM = {family: record[0] for family, record in SEVERITY_RANGE.items()}
 
 
 def _ranged(dist: Distortion, label: str) -> bool:
     """Stores a list-valued severity parameter of ``dist`` as a checked ``(low, high)`` range (one
     uniform draw per sample); False if it is one value, left to the caller to check."""
-    name, lo, hi = SEVERITY_RANGE[dist.family]
+    name, (lo, hi) = dist.record.param, dist.record.bounds
     value = getattr(dist, name)
     if isinstance(value, str) or not isinstance(value, Sequence):
         return False
-    object.__setattr__(dist, name, _range(value, label, name, lo, hi))
+    object.__setattr__(dist, name, check_range(value, label, name, lo, hi))
     return True
 
 
 @dataclass(frozen=True)
 class Distortion:
-    """Base class: a named, parametrised, batched image corruption."""
+    """Base class: a named, parametrised, batched image corruption.
+
+    A family sets ``family`` (its registry name) and ``record`` (its :class:`Family`); one with a
+    severity axis that ``mixed`` may draw also defines ``per_sample``.
+    """
 
     family = "identity"
 
     def __call__(self, images: Tensor, seeds: Tensor | None = None) -> Tensor:
         _check_images(images)
-        return self.apply(images, _Draw(images, seeds))
+        return self.apply(images, Draw(images, seeds))
 
-    def apply(self, images: Tensor, draw: _Draw) -> Tensor:
+    def apply(self, images: Tensor, draw: Draw) -> Tensor:
         return images
+
+    @classmethod
+    def per_sample(cls, images: Tensor, severity: Tensor, draw: Draw, bounds: tuple[float, float]) -> Tensor:
+        """The family at one severity per sample ``[B]`` (within ``bounds``), as ``mixed`` draws it."""
+        raise UserError(f"mixed cannot draw {cls.family!r} per sample: the family defines no per_sample")
 
     @property
     def severity(self) -> float:
@@ -190,31 +204,35 @@ class Distortion:
         return {"family": self.family, **asdict(self)}
 
 
-@dataclass(frozen=True)
-class Identity(Distortion):
-    family = "identity"
-
-
+@register_distortion
 @dataclass(frozen=True)
 class Mask(Distortion):
     """Drops each pixel with probability ``ratio``, the same pixels in every channel, set to 0."""
 
     ratio: float | tuple = 0.75
     family = "mask"
+    record = Family("Random Mask", "RM", prefix="mask", param="ratio", bounds=(0.0, 0.999),
+                    grid=(0.5, 0.75, 0.9, 0.95, 0.98), strong="mask_strong",
+                    presets={"mask_weak": {"ratio": 0.75}, "mask_strong": {"ratio": 0.9}})
 
     def __post_init__(self):
         if not _ranged(self, "mask"):
-            _require(_is_real(self.ratio) and 0.0 <= self.ratio < 1.0, "mask", "ratio", self.ratio,
+            require(_is_real(self.ratio) and 0.0 <= self.ratio < 1.0, "mask", "ratio", self.ratio,
                      "0 <= ratio < 1, or a range [low, high]")
 
-    def apply(self, images: Tensor, draw: _Draw) -> Tensor:
+    def apply(self, images: Tensor, draw: Draw) -> Tensor:
         return _mask(images, _per_sample(self.ratio, draw), draw)
+
+    @classmethod
+    def per_sample(cls, images: Tensor, severity: Tensor, draw: Draw, bounds: tuple[float, float]) -> Tensor:
+        return _mask(images, severity.view(-1, 1, 1, 1), draw)
 
     @property
     def severity(self) -> float:
         return float("nan") if isinstance(self.ratio, tuple) else self.ratio
 
 
+@register_distortion
 @dataclass(frozen=True)
 class GaussianNoise(Distortion):
     """Adds N(0, σ²) in ``[0, 1]`` pixel units, then (by default) clamps to ``[0, 1]``."""
@@ -222,21 +240,29 @@ class GaussianNoise(Distortion):
     sigma: float | tuple = 0.3
     clip: bool = True
     family = "gaussian_noise"
+    record = Family("Gaussian Noise", "GN", prefix="noise", param="sigma", bounds=(0.0, 10.0),
+                    grid=(0.1, 0.3, 0.5, 0.75, 1.0), strong="noise_strong",
+                    presets={"noise_weak": {"sigma": 0.3}, "noise_strong": {"sigma": 0.5}})
 
     def __post_init__(self):
         if not _ranged(self, "noise"):
-            _require(_is_real(self.sigma) and self.sigma >= 0, "noise", "sigma", self.sigma,
+            require(_is_real(self.sigma) and self.sigma >= 0, "noise", "sigma", self.sigma,
                      "sigma >= 0, finite, or a range [low, high]")
-        _require(isinstance(self.clip, bool), "noise", "clip", self.clip, "true or false")
+        require(isinstance(self.clip, bool), "noise", "clip", self.clip, "true or false")
 
-    def apply(self, images: Tensor, draw: _Draw) -> Tensor:
+    def apply(self, images: Tensor, draw: Draw) -> Tensor:
         return _noise(images, _per_sample(self.sigma, draw), draw, self.clip)
+
+    @classmethod
+    def per_sample(cls, images: Tensor, severity: Tensor, draw: Draw, bounds: tuple[float, float]) -> Tensor:
+        return _noise(images, severity.view(-1, 1, 1, 1), draw)
 
     @property
     def severity(self) -> float:
         return float("nan") if isinstance(self.sigma, tuple) else self.sigma
 
 
+@register_distortion
 @dataclass(frozen=True)
 class GaussianBlur(Distortion):
     """Separable Gaussian blur with reflect padding, equal to torchvision's ``gaussian_blur``.
@@ -248,119 +274,43 @@ class GaussianBlur(Distortion):
     kernel_size: int | None = None
     sigma: float | tuple = 5.0
     family = "gaussian_blur"
+    record = Family("Gaussian Blur", "GB", prefix="blur", param="sigma", bounds=(0.1, 100.0),
+                    grid=(1, 5, 9, 13, 17), strong="blur_strong",
+                    presets={"blur_weak": {"kernel_size": 21, "sigma": 5.0},
+                             "blur_strong": {"kernel_size": 37, "sigma": 9.0}})
 
     def __post_init__(self):
         if not _ranged(self, "blur"):
-            _require(_is_real(self.sigma) and self.sigma > 0, "blur", "sigma", self.sigma,
+            require(_is_real(self.sigma) and self.sigma > 0, "blur", "sigma", self.sigma,
                      "sigma > 0, finite, or a range [low, high]")
             if self.kernel_size is None:
-                object.__setattr__(self, "kernel_size", _odd_kernel(self.sigma))
+                object.__setattr__(self, "kernel_size", odd_kernel(self.sigma))
         k = self.kernel_size
-        _require(k is None or isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 1 and k % 2 == 1,
+        require(k is None or isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 1 and k % 2 == 1,
                  "blur", "kernel_size", k, "odd integers >= 1")
 
-    def apply(self, images: Tensor, draw: _Draw) -> Tensor:
+    def apply(self, images: Tensor, draw: Draw) -> Tensor:
         if isinstance(self.sigma, tuple):
-            return _blur_per_sample(images, _uniform_severity(draw, *self.sigma), *self.sigma, self.kernel_size)
+            return _blur_per_sample(images, uniform_severity(draw, *self.sigma), *self.sigma, self.kernel_size)
         sigma = torch.full((1,), float(self.sigma), device=images.device)  # no host-to-device copy
-        return _separable_blur(images, _blur_kernel(self.kernel_size, sigma, self.kernel_size))
+        return separable_blur(images, blur_kernel(self.kernel_size, sigma, self.kernel_size))
+
+    @classmethod
+    def per_sample(cls, images: Tensor, severity: Tensor, draw: Draw, bounds: tuple[float, float]) -> Tensor:
+        return _blur_per_sample(images, severity, *bounds)
 
     @property
     def severity(self) -> float:
         return float("nan") if isinstance(self.sigma, tuple) else self.sigma
 
 
-MIXED_FAMILIES = ("clean", "mask", "gaussian_noise", "gaussian_blur")
-
-
+@register_distortion
 @dataclass(frozen=True)
-class Mixed(Distortion):
-    """Each sample draws a family (with ``weights``) and a severity uniformly from its range.
+class Identity(Distortion):
+    """Returns the images unchanged (the clean setting)."""
 
-    Ranges are ``[low, high]`` (or one number): mask ratio, noise σ in pixel values, blur σ in
-    pixels (kernel 4σ + 1, computed per sample). ``clean`` may be given a weight too.
-    """
-
-    families: tuple = ("mask", "gaussian_noise", "gaussian_blur")
-    weights: tuple | None = None
-    mask_ratio: tuple = (0.5, 0.95)
-    noise_sigma: tuple = (0.1, 0.5)
-    blur_sigma: tuple = (1.0, 9.0)
-    family = "mixed"
-
-    def __post_init__(self):
-        fams = self.families
-        _require(isinstance(fams, Sequence) and not isinstance(fams, str) and len(fams) > 0, "mixed",
-                 "families", fams, f"a non-empty list of {', '.join(MIXED_FAMILIES)}")
-        for f in fams:
-            if f not in MIXED_FAMILIES:
-                raise unknown("mixed family", f, MIXED_FAMILIES)
-        w = [1.0] * len(fams) if self.weights is None else _numbers(self.weights)
-        _require(w is not None and len(w) == len(fams) and min(w) >= 0 and sum(w) > 0, "mixed",
-                 "weights", self.weights, f"{len(fams)} non-negative numbers (one per family), not all 0")
-        object.__setattr__(self, "families", tuple(fams))
-        object.__setattr__(self, "weights", tuple(float(x) for x in w))
-        for name, family in (("mask_ratio", "mask"), ("noise_sigma", "gaussian_noise"),
-                             ("blur_sigma", "gaussian_blur")):
-            object.__setattr__(self, name, _range(getattr(self, name), "mixed", name, *SEVERITY_RANGE[family][1:]))
-
-    def draw_params(self, draw: _Draw) -> tuple[Tensor, Tensor]:
-        """Per-sample family index into ``families`` ``[B]`` and severity ``[B]``."""
-        probs = torch.tensor(self.weights, device=draw.device)
-        cdf = (probs / probs.sum()).cumsum(0)
-        choice = torch.searchsorted(cdf, draw.uniform(1, stream=3), right=True).squeeze(1)
-        choice = choice.clamp_max(len(self.families) - 1)
-        lo_hi = {"clean": (0.0, 0.0), "mask": self.mask_ratio,
-                 "gaussian_noise": self.noise_sigma, "gaussian_blur": self.blur_sigma}
-        bounds = torch.tensor([lo_hi[f] for f in self.families], device=draw.device)
-        lo, hi = bounds[choice, 0], bounds[choice, 1]
-        return choice, _uniform_severity(draw, lo, hi)
-
-    def apply(self, images: Tensor, draw: _Draw) -> Tensor:
-        choice, severity = self.draw_params(draw)
-        out, shape = images, (-1, 1, 1, 1)
-        # Every family is computed on the whole batch and selected per sample: no data-dependent
-        # shapes (so no host sync and no recompiles), at a cost far below one model step.
-        for i, fam in enumerate(self.families):
-            pick = (choice == i).view(shape)
-            if fam == "mask":
-                result = _mask(images, severity.view(shape), draw)
-            elif fam == "gaussian_noise":
-                result = _noise(images, severity.view(shape), draw)
-            elif fam == "gaussian_blur":
-                result = _blur_per_sample(images, severity, *self.blur_sigma)
-            else:
-                continue
-            out = torch.where(pick, result, out)
-        return out
-
-    @property
-    def severity(self) -> float:
-        return float("nan")
-
-
-DISTORTIONS: dict[str, type[Distortion]] = {
-    "identity": Identity,
-    "mask": Mask,
-    "gaussian_noise": GaussianNoise,
-    "gaussian_blur": GaussianBlur,
-    "mixed": Mixed,
-}
-
-# The paper's grid (Sec. 4.2): family and parameters of each named setting.
-PRESETS: dict[str, tuple[str, dict]] = {
-    "clean": ("identity", {}),
-    "mask_weak": ("mask", {"ratio": 0.75}),
-    "mask_strong": ("mask", {"ratio": 0.9}),
-    "noise_weak": ("gaussian_noise", {"sigma": 0.3}),
-    "noise_strong": ("gaussian_noise", {"sigma": 0.5}),
-    "blur_weak": ("gaussian_blur", {"kernel_size": 21, "sigma": 5.0}),
-    "blur_strong": ("gaussian_blur", {"kernel_size": 37, "sigma": 9.0}),
-}
-
-
-# Families registered by modules that import this one, loaded when first built by name.
-PLUGINS = {"corruption": "distortkd.corruptions", "compose": "distortkd.chains"}
+    family = "identity"
+    record = Family("Clean", "ID", prefix="clean", presets={"clean": {}})
 
 
 def build(name_or_preset: str, /, **params) -> Distortion:
@@ -375,17 +325,16 @@ def build(name_or_preset: str, /, **params) -> Distortion:
         UserError: unknown name or parameter, or a parameter out of range.
     """
     name = name_or_preset
-    if name in PLUGINS and name not in DISTORTIONS:
-        importlib.import_module(PLUGINS[name])
+    families()
     if name in PRESETS:
         family, defaults = PRESETS[name]
-        if family == "gaussian_blur" and "sigma" in params and "kernel_size" not in params:
-            defaults = {}  # a new σ gets its own 4σ + 1 kernel, not the preset's
+        if FAMILIES[family].param in params:
+            defaults = {}  # a new severity keeps nothing else of the preset: blur's σ its own 4σ + 1 kernel
         params = {**defaults, **params}
     elif name in DISTORTIONS:
         family = name
     else:
-        raise unknown("distortion", name, {*DISTORTIONS, *PRESETS, *PLUGINS})
+        raise unknown("distortion", name, names())
     cls = DISTORTIONS[family]
     accepted = [f.name for f in fields(cls) if not f.name.startswith("_")]
     bad = sorted(set(params) - set(accepted))
@@ -396,8 +345,20 @@ def build(name_or_preset: str, /, **params) -> Distortion:
     return cls(**params)
 
 
+def names() -> list[str]:
+    """Every name ``build`` accepts: the registered families and their presets."""
+    families()
+    return [*DISTORTIONS, *PRESETS]
+
+
 def at_severity(family: str, severity: float) -> Distortion:
     """The distortion of ``family`` at one severity (blur kernels follow σ as 4σ + 1)."""
-    if family not in SEVERITY_PARAM:
-        raise unknown("distortion family with a severity", family, SEVERITY_PARAM)
-    return build(family, **{SEVERITY_PARAM[family]: float(severity)})
+    if family not in with_severity():
+        raise unknown("distortion family with a severity", family, with_severity())
+    return build(family, **{FAMILIES[family].param: float(severity)})
+
+
+def grid(family: str, overrides: Mapping | None = None) -> list[float]:
+    """The evaluation severities of ``family``: ``overrides[family]`` if set, else its record's."""
+    chosen = (overrides or {}).get(family)
+    return [float(s) for s in (FAMILIES[family].grid if chosen is None else chosen)]

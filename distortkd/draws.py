@@ -43,7 +43,7 @@ def _unit(x: Tensor) -> Tensor:
     return ((x >> 9).float() + 0.5) * 2.0**-23
 
 
-class _Draw:
+class Draw:
     """Per-sample random numbers for a batch: global generator, or hashed from per-sample seeds."""
 
     def __init__(self, images: Tensor, seeds: Tensor | None):
@@ -67,10 +67,10 @@ class _Draw:
         x = _hash32(_hash32(key[None, :] ^ self.seeds[:, None]))
         return _unit(x).reshape(self.batch, *shape)
 
-    def split(self, step: int, images: Tensor) -> _Draw:
+    def split(self, step: int, images: Tensor) -> Draw:
         """The draw of step ``step`` of a chain: seeds ``step_seeds(seeds, step)``, or the global
         generator when unseeded (it never repeats anyway)."""
-        return _Draw(images, None if self.raw is None else step_seeds(self.raw, step))
+        return Draw(images, None if self.raw is None else step_seeds(self.raw, step))
 
     def normal(self, *shape: int, stream: int) -> Tensor:
         """Standard normal floats, shape ``[B, *shape]``, float32."""
@@ -82,7 +82,7 @@ class _Draw:
 def step_seeds(seeds: Tensor, step: int) -> Tensor:
     """Per-sample seeds of step ``step`` (0, 1, ...) of a chain, from the samples' seeds ``[B]``.
 
-    ``step + 1`` is XORed into the seed's high 32 bits, which ``_Draw`` hashes on their own (a
+    ``step + 1`` is XORed into the seed's high 32 bits, which ``Draw`` hashes on their own (a
     bijection) before mixing them into the low bits: two steps of one sample never share a stream,
     even two steps of the same family.
     """

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from distortkd import benchmarks, distortions
 from distortkd.checkpoints import load_checkpoint
 from distortkd.diagnostics import RepresentationMeter
-from distortkd.distortions import sample_seeds
+from distortkd.draws import sample_seeds
 from distortkd.errors import UserError
 from distortkd.modules import FinetuneModule
 from distortkd.vit import Encoder, FrozenTeacher
@@ -36,14 +36,12 @@ def grid_cells(cfg: DictConfig) -> list[tuple[str, float, distortions.Distortion
     if cfg.suite != "paper":
         raise UserError(f"unknown evaluation suite {cfg.suite!r}; accepted: "
                         f"{', '.join(sorted(['heldout', 'paper', *benchmarks.BENCHMARKS]))}")
-    cells = []
+    cells, axes = [], distortions.with_severity()
     for family in cfg.families:
-        if family not in distortions.SEVERITY_PARAM:  # no one severity axis (mixed, compose, ...): all
-            families = list(distortions.SEVERITY_PARAM)
-        else:
-            families = [family]
-        for fam in families:
-            cells += [(fam, float(s), distortions.at_severity(fam, s)) for s in cfg.severities[fam]]
+        # no one severity axis (mixed, compose, ...): every family that has one
+        for fam in [family] if family in axes else axes:
+            grid = distortions.grid(fam, cfg.severities)  # the record's, unless the config sets one
+            cells += [(fam, s, distortions.at_severity(fam, s)) for s in grid]
     return cells
 
 

@@ -2,7 +2,7 @@
 
 ``distortkd.corruptions`` wraps these (validation, ``PARAMS`` lookup by function name, dtype, clamp);
 this module imports nothing from it, so there is no import cycle. Images are ``[B, C, H, W]`` float
-in ``[0, 1]``; all randomness comes from ``_Draw`` (one stream id per draw), so a seeded result is a
+in ``[0, 1]``; all randomness comes from ``Draw`` (one stream id per draw), so a seeded result is a
 pure function of (image, seed) whatever the batch. Reference: ``make_imagenet_c.py`` of
 github.com/hendrycks/robustness (``ImageNet-C/create_c``). Deviations are listed per function.
 """
@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distortkd.distortions import _blur_kernel, _Draw
+from distortkd import cvops
+from distortkd.blur import blur_kernel
+from distortkd.draws import Draw
 from distortkd.errors import UserError
 
 FROST_ENV = "DISTORTKD_FROST_DIR"
@@ -35,7 +37,7 @@ def _sym_matrix(n: int, sigma: float, truncate: float) -> Tensor:
     level 1) gives kernels far wider than the image: the index is folded with period 2n instead.
     """
     half = int(truncate * sigma + 0.5)
-    taps = _blur_kernel(2 * half + 1, torch.tensor([float(sigma)]), 2 * half + 1)[0].double()
+    taps = blur_kernel(2 * half + 1, torch.tensor([float(sigma)]), 2 * half + 1)[0].double()
     src = torch.arange(n)[:, None] + torch.arange(-half, half + 1)[None, :]  # [n, K]
     src = src % (2 * n)
     src = torch.where(src >= n, 2 * n - 1 - src, src)
@@ -111,13 +113,13 @@ def _grey(images: Tensor) -> Tensor:
     return (images * weights.view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
 
 
-def motion_blur(images: Tensor, param: tuple, draw: _Draw) -> Tensor:
+def motion_blur(images: Tensor, param: tuple, draw: Draw) -> Tensor:
     """ImageMagick motion blur (radius, σ in pixels) at an angle uniform in [-45°, 45°)."""
     degrees = -45 + 90 * draw.uniform(stream=201)
     return motion_blur_at(images, *param, degrees)
 
 
-def glass_blur(images: Tensor, param: tuple, draw: _Draw) -> Tensor:
+def glass_blur(images: Tensor, param: tuple, draw: Draw) -> Tensor:
     """Gaussian blur (σ), ``iterations`` rounds of local pixel shuffling by up to ``delta``, blur again.
 
     Deviation: the reference swaps pixels one by one (raster order, bottom-right first), each pixel
@@ -157,7 +159,7 @@ def _affine_points(h: int, w: int, jitter: Tensor) -> Tensor:
     return torch.linalg.solve(dst, pts1.expand_as(pts2)).transpose(1, 2)
 
 
-def elastic_transform(images: Tensor, param: tuple, draw: _Draw) -> Tensor:
+def elastic_transform(images: Tensor, param: tuple, draw: Draw) -> Tensor:
     """Random affine (points jittered by ±``c[2]`` px), then a smooth random displacement field
     (uniform noise smoothed by σ = ``c[1]`` px, truncate 3, times α = ``c[0]`` px), bilinear.
 
@@ -177,7 +179,7 @@ def elastic_transform(images: Tensor, param: tuple, draw: _Draw) -> Tensor:
     return _sample(x, ys + field[:, 1], xs + field[:, 0], "bilinear", "reflection")
 
 
-def plasma_fractal(draw: _Draw, mapsize: int, decay: float, stream: int) -> Tensor:
+def plasma_fractal(draw: Draw, mapsize: int, decay: float, stream: int) -> Tensor:
     """The reference's diamond-square height map ``[B, S, S]`` in [0, 1], per sample, batched."""
     m = torch.zeros(draw.batch, mapsize, mapsize, dtype=torch.float64, device=draw.device)
     step, wibble, k = mapsize, 100.0, 0
@@ -201,7 +203,7 @@ def plasma_fractal(draw: _Draw, mapsize: int, decay: float, stream: int) -> Tens
     return m / m.amax(dim=(1, 2), keepdim=True)
 
 
-def fog(images: Tensor, param: tuple, draw: _Draw) -> Tensor:
+def fog(images: Tensor, param: tuple, draw: Draw) -> Tensor:
     """Adds ``c[0]`` × a plasma fractal (decay ``c[1]``; top-left crop of a 256² map, larger maps
     for images over 256 px), rescaled by max / (max + c[0]) with the image's maximum."""
     scale, decay = param
@@ -224,7 +226,7 @@ def _zoom_layer(layer: Tensor, factor: float) -> Tensor:
     return zoomed[..., th : th + h, tw : tw + w]
 
 
-def snow(images: Tensor, param: tuple, draw: _Draw) -> Tensor:
+def snow(images: Tensor, param: tuple, draw: Draw) -> Tensor:
     """Snow flakes: N(loc, scale) zoomed, thresholded, motion-blurred at [-135°, -45°), added
     twice (also rotated 180°) to the image brightened towards 1.5 · grey + 0.5.
 
@@ -271,7 +273,7 @@ def _frost_textures(folder: str) -> tuple[Tensor, ...]:
     return tuple(out)
 
 
-def frost(images: Tensor, param: tuple, draw: _Draw) -> Tensor:
+def frost(images: Tensor, param: tuple, draw: Draw) -> Tensor:
     """``c[0]`` · image + ``c[1]`` · a random H×W crop of one of frost1..frost5 (grey images get
     the crop's luma). Deviation: the crop is cut per sample (a slice per image: the photographs
     differ in size, so no single gather serves the batch)."""
@@ -294,3 +296,63 @@ def frost(images: Tensor, param: tuple, draw: _Draw) -> Tensor:
     crop = _grey(crop) if c == 1 else crop
     keep, add = param
     return keep * images + add * crop
+
+
+def _smooth_nearest(x: Tensor, sigma: float) -> Tensor:
+    """skimage ``gaussian(x, sigma)`` of ``[B, 1, H, W]``: taps out to 4σ, edges replicated
+    (scipy ``mode='nearest'``); no limit on σ against the image size, unlike reflection."""
+    size = 2 * int(4 * sigma + 0.5) + 1
+    taps = blur_kernel(size, torch.tensor([float(sigma)], device=x.device), size).to(x)
+    half = size // 2
+    x = F.conv2d(F.pad(x, (half, half, 0, 0), mode="replicate"), taps.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(x, (0, 0, half, half), mode="replicate"), taps.view(1, 1, -1, 1))
+
+
+# spatter's colours in the reference's channel order (its x is PIL's RGB; the cv2 BGR2BGRA calls
+# only append an alpha channel): water is pale turquoise, mud brown. Grey images get their luma.
+_WATER, _MUD = (175, 238, 238), (63, 42, 20)
+_EMBOSS = torch.tensor([[-2.0, -1.0, 0.0], [-1.0, 1.0, 1.0], [0.0, 1.0, 2.0]], dtype=torch.float64)
+
+
+def _colour(rgb: tuple, images: Tensor) -> Tensor:
+    colour = torch.tensor(rgb, device=images.device, dtype=images.dtype).view(1, 3, 1, 1) / 255
+    return _grey(colour) if images.shape[1] == 1 else colour
+
+
+def _water_mask(liquid: Tensor, strength: float) -> Tensor:
+    """Lines 447-461 of make_imagenet_c.py: the liquid layer to 8 bits, its Canny edges, the distance
+    to them (capped at 20 px), blurred, equalised, embossed and blurred again; times the 8-bit layer,
+    normalised to a maximum of ``strength`` per image. ``[B, 1, H, W]`` float64."""
+    layer = (liquid.double() * 255).clamp(0, 255).floor()  # astype(uint8) truncates
+    dist = cvops.distance_to(cvops.canny(layer, 50, 150), 20.0)  # 255 - Canny: edges are the zeros
+    dist = cvops.box3(dist).float().floor()  # float32 blur, then astype(uint8)
+    dist = cvops.equalize_hist(dist.double())
+    dist = cvops.correlate(dist, _EMBOSS, "reflect").round().clamp(0, 255)  # filter2D to CV_8U
+    dist = cvops.box3(dist).round()  # cv2.blur of uint8 rounds to uint8
+    m = layer * dist
+    return strength * m / m.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)
+
+
+def spatter(images: Tensor, param: tuple, draw: Draw) -> Tensor:
+    """Water (levels 1-3) or mud (4-5) splashes: a smoothed N(loc, scale) layer (one per image,
+    σ px), zero below ``threshold``; water adds turquoise by ``_water_mask``, mud covers the image with
+    brown where the smoothed (σ = ``strength`` px) above-threshold mask reaches 0.8.
+
+    ``make_imagenet_c.py`` lines 434-486 (hendrycks/robustness), step by step; cv2's Canny,
+    distance transform, histogram equalisation and 8-bit filters are ``distortkd.cvops``.
+    Deviations: a layer value above 1 saturates at 255 where numpy's uint8 cast would wrap (the
+    smoothed layer's σ ≤ 0.4/(2√π) keeps it below 1 in practice), a water layer without any
+    liquid adds nothing (the reference divides 0 by 0), and the image is not rounded to uint8.
+    """
+    if images.shape[1] not in (1, 3):
+        raise UserError(f"spatter needs 1 or 3 channels; got {images.shape[1]} (accepted: 1, 3)")
+    loc, scale, sigma, threshold, strength, mud = param
+    h, w = images.shape[-2:]
+    liquid = loc + scale * draw.normal(1, h, w, stream=601).to(images)  # line 442
+    liquid = _smooth_nearest(liquid, sigma)  # line 444
+    liquid = torch.where(liquid < threshold, 0.0, liquid)  # line 445
+    if mud:  # lines 473-486
+        m = _smooth_nearest((liquid > threshold).to(images), strength)
+        m = torch.where(m < 0.8, 0.0, m)
+        return images * (1 - m) + _colour(_MUD, images) * m
+    return images + _water_mask(liquid, strength).to(images) * _colour(_WATER, images)  # line 471

@@ -20,7 +20,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from distortkd.checkpoints import load_checkpoint
 from distortkd.diagnostics import RepresentationMeter
-from distortkd.distortions import Distortion, sample_seeds
+from distortkd.distortions import Distortion
+from distortkd.draws import sample_seeds
 from distortkd.errors import UserError, unknown
 from distortkd.losses import attention_kl
 from distortkd.steps import distill_loss, supervised_loss

@@ -33,13 +33,33 @@ from distortkd.selection import (
 )
 from distortkd.tables import MISSING, Table, make_tables, setting_labels
 
-PRESET_ORDER = ("mask_weak", "mask_strong", "noise_weak", "noise_strong", "blur_weak",
-                "blur_strong")
-STRONG = ("mask_strong", "noise_strong", "blur_strong")
-STUDENT_ORDER = ("mask_strong", "noise_strong", "blur_strong", "blur_demo", "mixed", "mixed_demo")
-FAMILIES = {"mask": ("RM", "Random Mask"), "gaussian_noise": ("GN", "Gaussian Noise"),
-            "gaussian_blur": ("GB", "Gaussian Blur"), "mixed": ("MX", "Mixed"),
-            "identity": ("ID", "Clean")}
+
+# Families, labels, presets and strong presets are read from the families' records at each call
+# (``distortions.families()``), so a newly registered family appears in every table below. Imported
+# when first needed: the records live with the distortions, which import torch.
+def _families() -> dict[str, tuple[str, str]]:
+    """``{family: (short, label)}`` in registration order."""
+    from distortkd import distortions
+
+    return {name: (r.short, r.label) for name, r in distortions.families().items()}
+
+
+def _presets() -> list[str]:
+    """Every preset: those of the families with a severity axis first (the paper's order)."""
+    from distortkd import distortions
+
+    fams = distortions.families()
+    return sorted(distortions.PRESETS, key=lambda p: fams[distortions.PRESETS[p][0]].param is None)
+
+
+def _strong() -> list[str]:
+    """Each family's strong preset (tables 2 and 3; the students' order in the k-NN table, the
+    other students following sorted)."""
+    from distortkd import distortions
+
+    return [r.strong for r in distortions.families().values() if r.strong]
+
+
 TRANSFER = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "stl10": "STL-10",
             "resisc45": "RESISC45", "camelyon17": "Camelyon17"}
 LOSSES = {"global": "Global", "global_local": "Gl. Local", "global_attn": "Gl. Attention",
@@ -53,7 +73,7 @@ def _method(m: str) -> str:
 
 
 def _family(f: str, short: bool = False) -> str:
-    return FAMILIES.get(f, (f, f))[0 if short else 1]
+    return _families().get(f, (f, f))[0 if short else 1]
 
 
 def table1(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
@@ -61,7 +81,7 @@ def table1(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
     all labels, one table per dataset."""
     sel, what = with_value(main_loss(in_domain(finetune(runs, opts, True))), opts.metric)
     return make_tables("table1", "Table 1: in-domain accuracy (%)", sel, "distortion.name",
-                       "method", "Distortion", what, orders=(PRESET_ORDER, METHODS),
+                       "method", "Distortion", what, orders=(_presets(), METHODS),
                        per=("data.name",), col_label=_method)
 
 
@@ -69,10 +89,10 @@ def table2(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
     """Table 2, transfer: (method, family of the strong preset) × downstream dataset: every
     dataset other than the one the student was distilled on (``pretrain.data``), all labels."""
     sel = main_loss(in_domain(finetune(runs, opts, True), transfer=True))
-    sel, what = with_value(sel[sel["distortion.name"].isin(STRONG)], opts.metric)
+    sel, what = with_value(sel[sel["distortion.name"].isin(_strong())], opts.metric)
     names = {**METHODS, "supervised": "Baseline"}
     label = lambda k: f"{names.get(k[1], k[1])} ({_family(k[0], True)})"  # noqa: E731
-    order = ([(f, m) for f in FAMILIES for m in METHODS], TRANSFER)
+    order = ([(f, m) for f in _families() for m in METHODS], TRANSFER)
     return make_tables("table2", "Table 2: transfer accuracy (%)", sel,
                        ["distortion.family", "method"], "data.name", "Method", what, orders=order,
                        row_label=label,
@@ -83,10 +103,10 @@ def table3(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
     """Table 3, loss ablation of our method: loss × family of the strong preset, with all
     labels, one table per dataset."""
     sel = in_domain(finetune(runs, opts, True))
-    sel = sel[sel["method"].eq("ours") & sel["distortion.name"].isin(STRONG)]
+    sel = sel[sel["method"].eq("ours") & sel["distortion.name"].isin(_strong())]
     sel, what = with_value(sel, opts.metric)
     return make_tables("table3", "Table 3: loss ablation, accuracy (%)", sel, "loss.name",
-                       "distortion.family", "Loss", what, orders=(LOSSES, FAMILIES),
+                       "distortion.family", "Loss", what, orders=(LOSSES, _families()),
                        per=("data.name",), row_label=lambda k: LOSSES.get(k, k), col_label=_family)
 
 
@@ -276,7 +296,7 @@ def representation(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
     return make_tables("representation", "Representation: CLS cosine to the clean teacher", long,
                        "distortion.name", "metric", "Distortion", "validation-set cosine",
                        value="v", split=("model.name", "loss.name"),
-                       orders=(PRESET_ORDER, REPRESENTATION),
+                       orders=(_presets(), REPRESENTATION),
                        col_label=lambda m: REPRESENTATION.get(m, m), scale=1.0, digits=3)
 
 
@@ -294,7 +314,7 @@ def mixed(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
     names = {"specialist": "Distilled on that family", "mixed": "Distilled on mixed"}
     return make_tables("mixed", "Mixed vs per-distortion students: accuracy (%)", sel, "distortion",
                        "student", "Evaluated on", "`acc1` in %, mean over severities", "acc1",
-                       orders=(FAMILIES, names), row_label=_family, col_label=names.get)
+                       orders=(_families(), names), row_label=_family, col_label=names.get)
 
 
 def robustness(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
@@ -319,7 +339,7 @@ def knn(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
     return make_tables("knn",
                        "k-NN accuracy (%): student distilled on (columns) × evaluated on (rows)",
                        sel, "distortion.name", "pretrain.distortion", "Evaluated on", what,
-                       orders=(PRESET_ORDER, STUDENT_ORDER))
+                       orders=(_presets(), _strong()))
 
 
 def figure_frame(name: str, runs: pd.DataFrame, rows: pd.DataFrame, opts) -> pd.DataFrame:
@@ -327,11 +347,11 @@ def figure_frame(name: str, runs: pd.DataFrame, rows: pd.DataFrame, opts) -> pd.
     for labels), with ``curve``, the line it belongs to (:func:`distortkd.selection.with_curves`:
     a curve holds one setting, labelled like a table row)."""
     if name == "severity":
-        sel = ranked(with_variant(scope(rows[rows["suite"].eq("paper")], opts)), "distortion", FAMILIES)
+        sel = ranked(with_variant(scope(rows[rows["suite"].eq("paper")], opts)), "distortion", _families())
         return with_curves(sel, "distortion")
     sel = scope(runs[runs["status"].eq("ok")], opts)
     sel = main_loss(with_value(sel[sel["task"].eq("finetune")], opts.metric)[0])
-    sel = ranked(with_variant(sel, ("distortion.name",)), "distortion.name", PRESET_ORDER)
+    sel = ranked(with_variant(sel, ("distortion.name",)), "distortion.name", _presets())
     return with_curves(sel, "distortion.name", x="data.label_fraction")
 
 

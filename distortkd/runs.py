@@ -31,9 +31,6 @@ CONFIG_FIELDS = ("task", "experiment", "method", "seed", "model.name", "data.nam
 # setting: rundir.setting as sorted JSON (runs with equal settings may pool); bad, bad_rows: above.
 BASE_COLUMNS = (*CONFIG_FIELDS, "suite", "status", "error", "path", "setting", "bad", "bad_rows")
 ROW_METRICS = ("cos_cls", "cos_patch", "cka_cls", "attn_kl", "attn_iou")
-# Family of a preset whose config lacks distortion.family, by the name's first word.
-_PREFIX_FAMILY = {"mask": "mask", "noise": "gaussian_noise", "blur": "gaussian_blur",
-                  "mixed": "mixed", "clean": "identity"}
 _NOT_RUNS = ("checkpoints", "csv")  # parts of a run folder, never runs themselves
 
 
@@ -103,6 +100,16 @@ def _finite_rows(raw: object) -> tuple[list[dict], list[str]]:
     return out, bad
 
 
+def _family_of(preset: str) -> str | None:
+    """The family of a preset named in a config that predates ``distortion.family``, by the
+    name's first word (``noise_strong`` -> gaussian_noise), from the families' records (imported
+    here: they live with the distortions, which import torch)."""
+    from distortkd import distortions
+
+    prefixes = {record.prefix: name for name, record in distortions.families().items() if record.prefix}
+    return prefixes.get(preset.split("_")[0])
+
+
 def _load_run(run: Path) -> tuple[dict, list[dict]]:
     """One run's flat record and its evaluate rows, each row carrying the run's fields."""
     status, metrics, error = _status(run)
@@ -112,7 +119,7 @@ def _load_run(run: Path) -> tuple[dict, list[dict]]:
         error = f"config.yaml missing/unreadable ({why})" + (f"; {error}" if error else "")
     rec = {key: _get(cfg, key) for key in CONFIG_FIELDS}
     if rec["distortion.family"] is None and isinstance(rec["distortion.name"], str):
-        rec["distortion.family"] = _PREFIX_FAMILY.get(rec["distortion.name"].split("_")[0])
+        rec["distortion.family"] = _family_of(rec["distortion.name"])
     if rec["loss.name"] is None and rec["method"] == "ours":
         rec["loss.name"] = "multilevel"
     if rec["finetune.mode"] is None and rec["task"] != "distill":

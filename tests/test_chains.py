@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from distortkd import build, cli
 from distortkd import distortions as D
 from distortkd.corruptions import CORRUPTIONS
+from distortkd.draws import step_seeds
 from distortkd.errors import UserError
 
 TINY = ["experiment=test", "data=fashion_mnist", "data.limit_train=64", "data.limit_eval=64",
@@ -40,7 +41,7 @@ def test_compose_config_is_a_pure_function_of_image_and_seed_and_equals_its_step
     assert torch.equal(chain(images[perm], seeds[perm]), out[perm])  # per sample, not per batch
     one_by_one = images
     for k, step in enumerate(chain.steps):
-        one_by_one = step(one_by_one, D.step_seeds(seeds, k))
+        one_by_one = step(one_by_one, step_seeds(seeds, k))
     assert torch.equal(out, one_by_one)
     assert not torch.equal(chain(images, seeds + 1), out)
     assert out.shape == images.shape and out.dtype == images.dtype and 0 <= out.min() and out.max() <= 1
@@ -115,7 +116,7 @@ def test_custom_distortions_name_their_runs_and_evaluate_on_every_family(distort
     check_config(cfg, build.build_distortion)
     assert cfg.distortion.name in cfg.run_name and cfg.distortion.name in cfg.finetune_run
     families = {name for name, _, _ in grid_cells(cfg)}
-    expected = {"gaussian_noise"} if distortion == "noise_range" else set(D.SEVERITY_PARAM)
+    expected = {"gaussian_noise"} if distortion == "noise_range" else set(D.with_severity())
     assert families == expected
 
 

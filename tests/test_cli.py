@@ -176,11 +176,11 @@ def test_console_script_writes_run_folder(tmp_path):
 def test_heldout_suite_cells_follow_the_model_channels(monkeypatch):
     from distortkd.evaluation import grid_cells
 
-    monkeypatch.delenv("DISTORTKD_FROST_DIR", raising=False)  # 18 corruptions, frost needs photos
+    monkeypatch.delenv("DISTORTKD_FROST_DIR", raising=False)  # 19 corruptions, frost needs photos
     rgb = grid_cells(_compose("evaluate", ["suite=heldout"]))
     grey = grid_cells(_compose("evaluate", ["suite=heldout", "model=demo_vit"]))
-    assert len(rgb) == 85 and {s for _, s, _ in rgb} == {1, 2, 3, 4, 5}
-    assert len(grey) == 80 and "saturate" not in {n for n, _, _ in grey}
+    assert len(rgb) == 90 and {s for _, s, _ in rgb} == {1, 2, 3, 4, 5}
+    assert len(grey) == 85 and "saturate" not in {n for n, _, _ in grey}
 
 
 def test_contrastive_inversion_distill_on_a_cnn(tmp_path):

@@ -12,11 +12,13 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from distortkd import corruptions as C
+from distortkd import cvops
 from distortkd import imagenetc_extra as EX
-from distortkd.distortions import _Draw
+from distortkd.benchmarks import BENCHMARK_CORRUPTIONS, EXTRA_CORRUPTIONS
+from distortkd.draws import Draw
 from distortkd.errors import UserError
 
-NEW = ("glass_blur", "motion_blur", "snow", "frost", "fog", "elastic_transform")
+NEW = ("glass_blur", "motion_blur", "snow", "frost", "fog", "elastic_transform", "spatter")
 RANDOM = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", *NEW)
 # Published constants that do not make the image monotonically farther from the clean one:
 # glass blur's level 2 shuffles once (level 1 twice), snow's levels 2-3 and fog's 3-5 trade
@@ -178,7 +180,7 @@ def test_shot_noise_is_poisson(level, value):
     photons = C.PARAMS["shot_noise"][level - 1]
     rate = value * photons
     counts = C.shot_noise(
-        torch.full((2, 3, 64, 64), value), level, _Draw(torch.empty(2), torch.arange(2))
+        torch.full((2, 3, 64, 64), value), level, Draw(torch.empty(2), torch.arange(2))
     )
     counts = (counts * photons).round()  # clamping to 1 only cuts counts > photons, far in the tail
     assert (
@@ -286,7 +288,7 @@ def test_motion_blur_is_imagemagicks_half_gaussian_line():
 
 
 def test_plasma_fractal_is_normalised_per_sample():
-    draw = _Draw(torch.zeros(3, 1, 1, 1), torch.tensor([0, 1, 2]))
+    draw = Draw(torch.zeros(3, 1, 1, 1), torch.tensor([0, 1, 2]))
     m = EX.plasma_fractal(draw, 64, 2.0, stream=300)
     assert m.shape == (3, 64, 64) and not torch.equal(m[0], m[1])
     assert (m.amin(dim=(1, 2)) == 0).all() and (m.amax(dim=(1, 2)) == 1).all()
@@ -313,7 +315,76 @@ def test_elastic_affine_is_identity_without_jitter_and_smoothing_keeps_constants
 def test_glass_blur_moves_pixels_within_delta():
     x = torch.rand(2, 1, 40, 40)
     # no blur (σ tiny) isolates the shuffle: offsets are randint(-delta, delta), i.e. -3..2 px
-    out = EX.glass_blur(x, (1e-3, 3, 1), _Draw(x, torch.tensor([0, 1])))
+    out = EX.glass_blur(x, (1e-3, 3, 1), Draw(x, torch.tensor([0, 1])))
     pad = F.pad(x, (3, 2, 3, 2), mode="replicate").unfold(2, 6, 1).unfold(3, 6, 1)
     near = (pad - out[..., None, None]).abs().amin(dim=(-1, -2))
     assert near.max() < 1e-6 and not torch.equal(out, x)
+
+
+def test_heldout_order_is_the_benchmarks_with_spatter():
+    """The 15 corruptions of the benchmark, then its 4 extra ones, spatter among them, in order."""
+    assert C.HELDOUT == BENCHMARK_CORRUPTIONS + EXTRA_CORRUPTIONS
+
+
+@pytest.mark.parametrize("level", C.LEVELS)
+def test_spatter_adds_water_or_covers_with_mud_in_the_references_colours(level):
+    """Water (levels 1-3) only brightens, towards pale turquoise (R gains less than G = B); mud
+    (4-5) replaces pixels by brown (R > G > B) where it lies. One-channel images get the colour's
+    luma, at the same places: the liquid layer does not depend on the image's channels."""
+    x = torch.full((2, 3, 64, 64), 0.3)
+    seeds = torch.tensor([3, 4])
+    out = C.Corruption("spatter", level)(x, seeds)
+    change = out - x
+    hit = change.abs().amax(dim=1) > 1e-3
+    assert hit.any() and not hit.all()
+    if level <= 3:
+        assert change.min() >= 0
+        r, g, b = change[:, 0][hit], change[:, 1][hit], change[:, 2][hit]
+        assert torch.allclose(g, b) and (r < g).all()
+    else:  # out = (1 - m) · x + m · mud with one weight m in [0.8, 1] for all three channels
+        mud = torch.tensor([63.0, 42.0, 20.0]).view(1, 3, 1, 1) / 255
+        m = (change / (mud - x)).permute(1, 0, 2, 3)[:, hit]  # [3, hit pixels]
+        assert torch.allclose(m[0], m[1], atol=1e-4) and torch.allclose(m[0], m[2], atol=1e-4)
+        assert m.min() >= 0.8 - 1e-4 and m.max() <= 1 + 1e-4
+    grey = C.Corruption("spatter", level)(x[:, :1], seeds)
+    assert torch.equal((grey - x[:, :1]).abs()[:, 0] > 1e-3, hit)
+    luma = EX._grey(out)  # the colour's luma on a grey image is the luma of the coloured pixel
+    assert (grey - luma).abs().max() < 1e-5
+
+
+def test_cvops_chamfer_distance_from_one_point():
+    """OpenCV's 5x5 chamfer steps: 1 px straight, 1.4 diagonal, 2.1969 knight; farther: sums of
+    those, capped."""
+    src = torch.zeros(1, 1, 15, 15, dtype=torch.bool)
+    src[0, 0, 7, 7] = True
+    d = cvops.distance_to(src, 5.0)[0, 0]
+    step = {(0, 1): 1.0, (1, 1): 1.4, (1, 2): 2.1969, (2, 2): 2.8, (0, 3): 3.0, (2, 3): 3.5969}
+    for (dy, dx), value in step.items():
+        assert d[7 + dy, 7 + dx].item() == pytest.approx(value, abs=2e-5)
+        assert d[7 - dx, 7 - dy].item() == pytest.approx(value, abs=2e-5)  # symmetric
+    assert d[0, 0] == 5.0 and d[7, 7] == 0
+
+
+def test_cvops_canny_keeps_weak_edges_only_when_joined_to_strong_ones():
+    """A vertical step fading from 200 to 20 down the image (Sobel magnitude 4 × step: above
+    ``high`` at the top, between ``low`` and ``high`` at the bottom): the whole line is an edge,
+    one pixel wide; the weak step of 20 alone gives none, nor does a constant image."""
+    x = torch.zeros(2, 1, 32, 32, dtype=torch.float64)
+    x[0, :, :, 16:] = torch.linspace(200, 20, 32).view(32, 1)
+    x[1, :, :, 16:] = 20
+    assert (4 * x[0, 0, :, 16] <= 150).sum() >= 3  # rows whose own magnitude is weak
+    edges = cvops.canny(x, 50, 150)
+    cols = edges[0, 0].any(dim=0).nonzero().flatten().tolist()
+    assert len(cols) == 1 and cols[0] in (15, 16)
+    assert edges[0, 0, :, cols[0]].all()
+    assert not edges[1].any()
+    assert not cvops.canny(torch.full((1, 1, 8, 8), 90.0), 50, 150).any()
+
+
+def test_cvops_equalize_hist_spreads_the_levels():
+    """The lowest level maps to 0, the others to the rounded share of the pixels above it."""
+    x = torch.tensor([10.0] * 7 + [20.0] * 2 + [30.0] * 7).view(1, 1, 4, 4)
+    out = cvops.equalize_hist(x)
+    assert sorted(set(out.flatten().tolist())) == [0.0, round(255 * 2 / 9), 255.0]
+    flat = torch.full((1, 1, 4, 4), 77.0)
+    assert torch.equal(cvops.equalize_hist(flat), flat)

@@ -1,11 +1,19 @@
 """Distortions: statistics, agreement with torchvision, seeded determinism, dtypes, bad input."""
 
+from dataclasses import fields
+from itertools import pairwise
+from pathlib import Path
+
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torchvision.transforms.v2 import functional as TF
 
+from distortkd import CONF, blur
 from distortkd import distortions as D
+from distortkd.draws import Draw, sample_seeds
 from distortkd.errors import UserError
+from distortkd.mixed import Mixed, mixable
 
 
 @pytest.fixture
@@ -49,7 +57,7 @@ def test_blur_matches_torchvision(images, preset):
 def test_per_sample_blur_on_non_square_images_matches_torchvision(size, kernel):
     x = torch.rand(3, 2, *size, generator=torch.Generator().manual_seed(1))
     sigmas = torch.tensor([1.0, 4.0, 9.0])
-    out = D._separable_blur(x, D._blur_kernel(kernel, sigmas, kernel))
+    out = blur.separable_blur(x, blur.blur_kernel(kernel, sigmas, kernel))
     for i, sigma in enumerate(sigmas.tolist()):
         ref = TF.gaussian_blur(x[i : i + 1], [kernel] * 2, [sigma] * 2)
         assert (out[i : i + 1] - ref).abs().max() < 1e-5, sigma
@@ -78,8 +86,8 @@ def test_seeded_is_pure_function_of_image_and_seed(images, name):
 
 def test_sample_seeds_depend_on_index_and_run():
     idx = torch.arange(5)
-    assert len(set(D.sample_seeds(idx, 0).tolist())) == 5
-    assert not torch.equal(D.sample_seeds(idx, 0), D.sample_seeds(idx, 1))
+    assert len(set(sample_seeds(idx, 0).tolist())) == 5
+    assert not torch.equal(sample_seeds(idx, 0), sample_seeds(idx, 1))
 
 
 @pytest.mark.parametrize("name", list(D.PRESETS) + ["mixed"])
@@ -97,7 +105,7 @@ def test_low_precision_and_autocast(images, name, dtype):
 def test_mixed_frequencies_and_ranges():
     mixed = D.build("mixed", families=["mask", "gaussian_noise", "gaussian_blur"], weights=[2, 1, 1],
                     mask_ratio=[0.5, 0.95])
-    draw = D._Draw(torch.zeros(20000, 1, 1, 1), torch.arange(20000))
+    draw = Draw(torch.zeros(20000, 1, 1, 1), torch.arange(20000))
     choice, severity = mixed.draw_params(draw)
     freq = torch.bincount(choice, minlength=3).float() / len(choice)
     assert torch.allclose(freq, torch.tensor([0.5, 0.25, 0.25]), atol=0.015)
@@ -174,7 +182,7 @@ def test_range_draws_one_severity_per_sample_uniformly(family, param, bounds, se
 def test_ranged_blur_sample_equals_stand_alone_blur_at_its_sigma(images, kernel_size):
     seeds = torch.arange(4) + 11
     dist = D.build("gaussian_blur", sigma=[0.5, 3.0], kernel_size=kernel_size)
-    sigma = D._uniform_severity(D._Draw(images, seeds), 0.5, 3.0)  # the draw `mixed` makes too
+    sigma = D.uniform_severity(Draw(images, seeds), 0.5, 3.0)  # the draw `mixed` makes too
     out = dist(images, seeds)
     for i, s in enumerate(sigma.tolist()):
         k = kernel_size or 2 * round(2 * s) + 1
@@ -189,7 +197,7 @@ def test_fixed_number_keeps_the_fixed_draw(images, family, param, value, seeded)
     torch.manual_seed(3)
     out = D.build(family, **{param: value})(images, seeds)
     torch.manual_seed(3)
-    draw = D._Draw(images, seeds)
+    draw = Draw(images, seeds)
     if family == "mask":
         expected = images * (draw.uniform(1, *images.shape[2:], stream=1) >= value).to(images.dtype)
     else:
@@ -213,7 +221,57 @@ def test_fixed_number_keeps_the_fixed_draw(images, family, param, value, seeded)
 def test_bad_range_is_one_line_naming_value_and_interval(family, params, value):
     with pytest.raises(UserError) as err:
         D.build(family, **params)
-    name, lo, hi = D.SEVERITY_RANGE[family]
+    name, (lo, hi) = D.FAMILIES[family].param, D.FAMILIES[family].bounds
     message = str(err.value)
     assert f"{name} range {value!r}" in message and f"accepted: a number or [low, high], {lo} <= low <= high <= {hi}" in message
     assert "\n" not in message
+
+
+# Registry-wide tests (timm's style): every registered family and preset, a new one included.
+@pytest.mark.parametrize("family", list(D.families()))
+def test_every_family_record_is_complete(family):
+    record, cls = D.FAMILIES[family], D.DISTORTIONS[family]
+    assert cls.family == family and record.label and record.short
+    if record.param:
+        lo, hi = record.bounds
+        assert record.param in {f.name for f in fields(cls)} and record.prefix
+        assert len(record.grid) >= 2 and all(lo <= s <= hi for s in record.grid)
+    assert record.strong is None or record.strong in record.presets
+    for preset in record.presets:
+        assert isinstance(D.build(preset), cls)
+
+
+@pytest.mark.parametrize("family", D.with_severity())
+def test_every_family_grows_with_severity_over_its_evaluation_grid(family):
+    x = torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(2))
+    seeds = torch.tensor([4, 9])
+    change = []
+    for s in D.grid(family):
+        dist = D.at_severity(family, s)
+        out = dist(x, seeds)
+        assert out.shape == x.shape and out.dtype == x.dtype and out.min() >= 0 and out.max() <= 1
+        assert torch.equal(out, dist(x, seeds)) and dist.severity == s
+        change.append((out - x).abs().mean().item())
+    assert change[0] > 0 and all(a < b for a, b in pairwise(change)), change
+
+
+@pytest.mark.parametrize("family", mixable()[1:])  # after clean
+def test_mixed_draws_every_family_as_that_family_at_its_severity(family):
+    """``mixed`` restricted to one family and one severity is that family at that severity."""
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    seeds = torch.arange(3) + 5
+    record = D.FAMILIES[family]
+    s = record.grid[1]
+    own = f"{record.prefix}_{record.param}"
+    params = {own: [s, s]} if own in {f.name for f in fields(Mixed)} else {"ranges": {family: [s, s]}}
+    mixed = D.build("mixed", families=[family], **params)
+    assert (mixed(x, seeds) - D.at_severity(family, s)(x, seeds)).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("preset", [p for p, (f, _) in D.PRESETS.items()
+                                    if D.DISTORTIONS[f].__module__.startswith("distortkd.")])
+def test_every_shipped_preset_is_its_config_file(preset):
+    """A preset of a family shipped with the package has its ``conf/distortion`` file, equal."""
+    cfg = OmegaConf.load(Path(CONF) / "distortion" / f"{preset}.yaml")
+    family, params = D.PRESETS[preset]
+    assert (cfg.name, cfg.family, OmegaConf.to_container(cfg.params)) == (preset, family, params)

@@ -6,9 +6,8 @@ import math
 import pytest
 import torch
 
-import distortkd.chains  # noqa: F401  (registers "compose" in DISTORTIONS)
-import distortkd.corruptions  # noqa: F401  (registers "corruption" in DISTORTIONS)
 from distortkd import distortions as D
+from distortkd import draws
 from distortkd.errors import UserError
 
 M32 = 2**32 - 1
@@ -16,7 +15,7 @@ TOP = 2**32 - 1  # the hash value of the old edge: (2**24 - 1 + 0.5) rounded to 
 
 
 def _hash(x: int) -> int:
-    """``D._hash32`` in Python ints (checked against it below)."""
+    """``draws._hash32`` in Python ints (checked against it below)."""
     x ^= x >> 16
     x = (x * 0x7FEB352D) & M32
     x ^= x >> 15
@@ -36,7 +35,7 @@ def _unhash(x: int) -> int:
 def _seed_hitting(value: int, index: int, stream: int) -> int:
     """A per-sample seed whose draw number ``index`` of ``stream`` hashes to ``value``.
 
-    Inverts ``_Draw``: ``value = h(h(key ^ h(seed)))`` with ``key = h(index + stream·φ)`` (for seeds
+    Inverts ``Draw``: ``value = h(h(key ^ h(seed)))`` with ``key = h(index + stream·φ)`` (for seeds
     below 2**32 the high half contributes ``h(0) = 0``).
     """
     key = _hash((index + stream * 0x9E3779B9) & M32)
@@ -53,17 +52,17 @@ def _edge_seeds(shape: tuple, stream: int) -> torch.Tensor:
 
 def test_seed_construction_hits_the_edge_hash_values():
     x = torch.tensor([0, 1, 12345, TOP])
-    assert D._hash32(x).tolist() == [_hash(v) for v in x.tolist()]
+    assert draws._hash32(x).tolist() == [_hash(v) for v in x.tolist()]
     assert all(_unhash(_hash(v)) == v for v in (0, 1, 0xDEADBEEF, TOP))
-    seeds = D._hash32(_edge_seeds((3, 4, 4), stream=2))  # as _Draw hashes them
-    key = D._hash32(torch.tensor([0, 47]) + 2 * 0x9E3779B9 & M32)
-    hashed = D._hash32(D._hash32(key[[0, 1, 0, 1]] ^ seeds))
+    seeds = draws._hash32(_edge_seeds((3, 4, 4), stream=2))  # as Draw hashes them
+    key = draws._hash32(torch.tensor([0, 47]) + 2 * 0x9E3779B9 & M32)
+    hashed = draws._hash32(draws._hash32(key[[0, 1, 0, 1]] ^ seeds))
     assert hashed.tolist() == [TOP, TOP, 0, 0]
 
 
 def test_unit_draw_is_strictly_inside_0_1_on_the_edge_hash_values():
     edges = torch.tensor([0, 1, 2**9 - 1, 2**9, 2**31, 0xFFFFFF00, TOP - 2**9, TOP])
-    u = D._unit(edges)
+    u = draws._unit(edges)
     assert u.dtype == torch.float32 and (u > 0).all() and (u < 1).all()
     assert u[0].item() == 2.0**-24 and u[-1].item() == 1 - 2.0**-24
     assert u[0].item() + u[-1].item() == 1.0  # symmetric about 1/2: normals have mean 0 exactly
@@ -93,7 +92,7 @@ def test_seeded_normals_keep_their_moments_with_the_edge_seeds():
     """The edge samples join ordinary ones: mean 0, variance 1, uniform mean 1/2 and variance 1/12."""
     shape = (64, 64)
     seeds = torch.cat([_edge_seeds(shape, stream=2), torch.arange(252)])
-    draw = D._Draw(torch.zeros(256, 1, *shape), seeds)
+    draw = draws.Draw(torch.zeros(256, 1, *shape), seeds)
     z, u = draw.normal(*shape, stream=2), draw.uniform(*shape, stream=7)
     assert torch.isfinite(z).all()
     assert abs(z.mean().item()) < 0.01 and abs(z.var().item() - 1) < 0.01
@@ -134,7 +133,7 @@ BAD = {
                    ({"severity": 2.5}, "corruption severity", 2.5),
                    ({"severity": True}, "corruption severity", True)],
 }
-CASES = [(family, *case) for family in D.DISTORTIONS for case in BAD.get(family, [({}, None, None)])]
+CASES = [(family, *case) for family in D.families() for case in BAD.get(family, [({}, None, None)])]
 
 
 @pytest.mark.parametrize(("family", "params", "label", "value"), CASES,
