@@ -99,7 +99,7 @@ def _whole(batch):  # batches come whole from HFImages.__getitems__
 def load_or_build(where: Path, meta: dict, rows: Dataset, num_workers: int) -> np.ndarray:
     """Validity mask ``[N]`` of the cache in ``where``, built first unless its sidecar matches.
 
-    ``rows``: a ``data.HFImages`` over the whole split with a ``canvas_transform``; its ``bad``
+    ``rows``: an ``imagesets.HFImages`` over the whole split with a ``canvas_transform``; its ``bad``
     flags and ``max_bad_fraction`` apply as on the lazy path. Decoding runs in ``num_workers``.
     """
     if not _trusted(where, meta):

@@ -117,7 +117,7 @@ def data_config(cfg: DictConfig, encoder: Encoder) -> dict:
 
     ``input_size`` is ``[C, H, W]`` in pixels; ``mean``/``std`` in ``[0, 1]`` pixel units.
     """
-    from distortkd.data import DATASETS
+    from distortkd.sources import DATASETS
 
     if encoder.is_vit:
         size = tuple(encoder.backbone.patch_embed.img_size)

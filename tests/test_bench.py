@@ -96,7 +96,6 @@ def test_distort_table_with_step(capsys, tmp_path):
 
 @pytest.mark.slow
 def test_data_table(capsys, tmp_path):
-    pytest.importorskip("distortkd.data", reason="distortkd/data.py is not written yet")
     argv = ["data", "--batch", "8", "--workers", "0,1", "--num-images", "100"]
     out, rows, data = run_cli(capsys, tmp_path, argv)
     check_report(out, rows, data, ["workers=0", "workers=1"])
