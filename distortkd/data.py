@@ -1,6 +1,6 @@
 """One LightningDataModule over Hugging Face ``datasets``, configured per dataset by a spec: a
 ``DATASETS`` entry, or for the user's own data (``data=folder``, ``data=hub``) one read from the
-data itself (``sources.own_spec``).
+data itself (``owndata.own_spec``).
 
 Batches are clean: ``{"image": [B, C, S, S] float32 in [0, 1], "label": [B] int64 (-1: unlabelled
 own data), "index": [B] int64}``, ``index`` being the sample's row in its underlying split
@@ -32,7 +32,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.utils.data import DataLoader, Dataset
 
 from distortkd import cache as canvases
-from distortkd import sources
+from distortkd import owndata, sources
 from distortkd.errors import UserError, unknown
 from distortkd.imagesets import HFImages, TensorImages, collate
 from distortkd.sources import DATASETS, OWN, DatasetSpec, load_hub_split, open_local
@@ -93,13 +93,13 @@ class ImageDataModule(L.LightningDataModule):
 
     Args:
         name: a key of ``DATASETS``; or ``folder`` (an image folder at ``path``, see
-            ``sources.folder_layout``) or ``hub`` (any hub image-classification dataset,
+            ``owndata.folder_layout``) or ``hub`` (any hub image-classification dataset,
             ``hub_id``, or its local copy at ``path``), whose spec is read from the data itself.
         path: local copy (``save_to_disk`` folder, hub-layout parquet, image folder; an IDX folder
             for Fashion-MNIST); None: the hub (Fashion-MNIST: Debian's IDX files when installed).
         hub_id, image_column, label_column, splits: own data only: the hub dataset; the image and
             label columns and the split of each role (``{"train": ..., "val": ..., "test": ...}``),
-            None for what ``sources.own_spec`` reads from the features. Without a val split, val is
+            None for what ``owndata.own_spec`` reads from the features. Without a val split, val is
             carved by ``val_fraction``; without a test split, the test role is the val split.
         image_size: output side S in pixels. crop_pct: eval center crop of the resized short side.
         in_chans: 3 (RGB) or 1 (grayscale).
@@ -156,7 +156,7 @@ class ImageDataModule(L.LightningDataModule):
         """The ``DATASETS`` entry, or the own data's spec read from its splits and features."""
         if self._spec is None:
             h = self.hparams
-            self._spec = sources.own_spec(self._open(), self._where, h.image_column,
+            self._spec = owndata.own_spec(self._open(), self._where, h.image_column,
                                           h.label_column, h.splits)
             self.class_names = list(self._spec.names or []) or None
         return self._spec
@@ -167,7 +167,7 @@ class ImageDataModule(L.LightningDataModule):
         a fine-tune or an evaluation asks: distillation reads no labels)."""
         spec = self.spec
         names = self.class_names or [str(c) for c in range(spec.num_classes)]
-        err = sources.unlabelled_error(self._where, self.name, names,
+        err = owndata.unlabelled_error(self._where, self.name, names,
                                        spec.label_key is not None) if self.name in OWN else None
         if err is not None:
             raise err
@@ -188,9 +188,9 @@ class ImageDataModule(L.LightningDataModule):
         if self._local is None:
             h = self.hparams
             if self.name == "folder":
-                self._local = sources.open_folder(self.path, h.cache_dir)
+                self._local = owndata.open_folder(self.path, h.cache_dir)
             elif self.name == "hub" and self.path is None:
-                self._local = sources.open_hub(h.hub_id, h.cache_dir)
+                self._local = owndata.open_hub(h.hub_id, h.cache_dir)
             else:
                 self._local = open_local(self.path, h.cache_dir)
         return self._local
@@ -240,7 +240,7 @@ class ImageDataModule(L.LightningDataModule):
             raw["table"] = table = self._table(split)
             raw["labels"] = self._labels(table, split)
             if self.spec.ood and split == self.spec.splits["ood"]:
-                raw["ood"] = sources._column(table, self.spec.ood[0]) == self.spec.ood[1]
+                raw["ood"] = sources.column_values(table, self.spec.ood[0]) == self.spec.ood[1]
             if self.in_memory:
                 where = f"{self.name} {split}"
                 rows = HFImages(table, self.spec.image_key, raw["labels"], np.arange(len(table)),
