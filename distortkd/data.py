@@ -15,19 +15,22 @@ Three ways to hold a split: lazily (``HFImages``, PIL decode and transforms in t
 memory (``TensorImages``: small same-size datasets, batched transforms in the workers) or, with
 ``cache="uint8"``, as uint8 canvases decoded once to disk (``cache.CanvasImages``): the loaders
 then carry uint8 ``[B, C, S', S']`` and ``on_after_batch_transfer`` crops them on the device into
-the batches above. Loops that iterate a loader outside Lightning's hooks call ``to_images``.
+the batches above. Loops that iterate a loader outside Lightning's hooks (evaluation, k-NN
+banks, attention figures) read it through ``device_batches``, which converts the same way: outside
+this module every batch is ``[0, 1]`` images.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import datasets
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import move_data_to_device
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.utils.data import DataLoader, Dataset
 
@@ -387,6 +390,13 @@ class ImageDataModule(L.LightningDataModule):
                                    self.rrc_scale, self.in_chans)
         # Convex weights, but float sums can overshoot 1 by an ulp: clamp to keep the contract.
         return {**batch, "image": transform(batch["image"]).clamp_(0, 1)}
+
+    def device_batches(self, loader: DataLoader, device: torch.device | str) -> Iterator[dict]:
+        """``loader``'s batches on ``device`` as clean ``[0, 1]`` batches (module docstring):
+        uint8 canvases get the eval crop there, as Lightning's hook would give them outside
+        training. For loops that iterate a loader themselves, so none converts by hand."""
+        for batch in loader:
+            yield self.to_images(move_data_to_device(batch, device))
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Lightning's hook after each batch reaches the device: ``to_images``, training crops while

@@ -323,9 +323,8 @@ class FinetuneModule(_Base):
         ``data.augment`` and on the random state, not on the features.
         """
         feats, labels = [], []
-        for batch in self.trainer.datamodule.bank_dataloader():
-            batch = self.transfer_batch_to_device(batch, self.device, 0)
-            batch = self.trainer.datamodule.to_images(batch)  # uint8 canvases (data.cache) → [0, 1]
+        dm = self.trainer.datamodule
+        for batch in dm.device_batches(dm.bank_dataloader(), self.device):
             x = self.distortion(batch["image"], self.seeds(batch))
             feats.append(F.normalize(self.encoder(x).float(), dim=-1))
             labels.append(batch["label"])

@@ -319,3 +319,17 @@ def test_trainer_steps_receive_float_images_of_image_size(tree, tmp_path, monkey
         assert image.dtype == torch.float32 and image.shape[1:] == (3, SIZE, SIZE)
         assert 0 <= image.min() and image.max() <= 1 and image.std() > 0.01
     assert [a[:3] for a in calls] == [(16, SIDE, SIDE)]  # training crops for the train batch only
+
+
+def test_loops_outside_lightning_read_float_batches_equal_to_the_pil_path(tree, tmp_path):
+    """``device_batches``: what evaluation, k-NN banks and figures iterate; canvases arrive as the
+    same ``[0, 1]`` eval crops as the PIL path, index and labels aligned."""
+    pil, ours = module(tree, tmp_path), module(tree, tmp_path, cache="uint8")
+    pil_batches = list(pil.device_batches(pil.val_dataloader(), "cpu"))
+    our_batches = list(ours.device_batches(ours.val_dataloader(), torch.device("cpu")))
+    assert len(our_batches) == len(pil_batches) >= 1
+    for got, want in zip(our_batches, pil_batches, strict=True):
+        assert got["image"].dtype == torch.float32 and got["image"].shape[-2:] == (SIZE, SIZE)
+        assert 0 <= got["image"].min() and got["image"].max() <= 1
+        assert torch.equal(got["index"], want["index"]) and torch.equal(got["label"], want["label"])
+        assert (got["image"] - want["image"]).abs().max() < 1e-5
