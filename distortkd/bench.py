@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from distortkd.distortions import PRESETS, Distortion, build
 from distortkd.errors import UserError
-from distortkd.losses import multilevel_loss
+from distortkd.losses import make_loss
 from distortkd.steps import distill_loss, supervised_loss
 from distortkd.timing import (
     DTYPES,
@@ -54,10 +54,10 @@ def cmd_taps(b: Bench) -> tuple[list[Result], dict]:
 
 def distill_loss_fn(b: Bench, teacher: FrozenTeacher, distortion: Distortion, gamma: float):
     """A fresh student and ``loss(images)`` of its distillation from ``teacher``."""
-    student, loss_fn = b.encoder().train(), partial(multilevel_loss, gamma=gamma)
+    student, loss = b.encoder().train(), make_loss("multilevel", gamma=gamma)  # γ 0: no attention taps
 
     def loss_of(images: Tensor) -> Tensor:
-        return distill_loss(student, teacher, distortion, loss_fn, images, with_attn=gamma > 0)["loss"]
+        return distill_loss(student, teacher, distortion, loss, images)["loss"]
 
     return [*student.parameters()], loss_of
 

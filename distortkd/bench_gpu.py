@@ -104,12 +104,12 @@ def _conf(group: str, name: str):
 def _distill(b: Bench):
     """``(params, loss(images))`` of the training run's distillation step (``conf/`` defaults)."""
     teacher, student = FrozenTeacher(b.encoder()), b.encoder().train()
-    loss_fn, _, with_attn = build_loss(_conf("loss", "multilevel"))
+    loss = build_loss(_conf("loss", "multilevel"))
     distortion = build_distortion(_conf("distortion", "noise_strong"))
     x = b.images()
 
     def loss_of(images: Tensor) -> Tensor:
-        return distill_loss(student, teacher, distortion, loss_fn, images, with_attn=with_attn)["loss"]
+        return distill_loss(student, teacher, distortion, loss, images)["loss"]
 
     return [*student.parameters()], loss_of, (x,)
 
