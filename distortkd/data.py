@@ -69,23 +69,6 @@ def _check_options(h, rrc_scale: tuple, subset: tuple | None, spec: DatasetSpec 
             raise UserError(f"invalid data option {bad}")
 
 
-def _check_own(h) -> None:
-    """What ``folder`` and ``hub`` need: a folder path; a hub id or local copy; roles by name."""
-    own = h.name in OWN
-    for ok, bad in [
-        (h.name != "folder" or h.path, "data=folder needs data.path=<image folder>"),
-        (h.name != "hub" or h.hub_id or h.path,
-         "data=hub needs data.hub_id=<hub dataset id> or data.path=<local copy>"),
-        (own or not any((h.hub_id, h.image_column, h.label_column, h.splits)),
-         f"hub_id, image_column, label_column and splits are for data=folder and data=hub, not "
-         f"{h.name}"),
-        (not h.splits or set(h.splits) <= {"train", "val", "test"},
-         f"splits keys {sorted(h.splits or [])}; accepted: train, val, test"),
-    ]:
-        if not ok:
-            raise UserError(bad)
-
-
 _STAGE_ROLES = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",),
                 "predict": ("test",)}
 
@@ -144,7 +127,7 @@ class ImageDataModule(L.LightningDataModule):
         self.rrc_scale = tuple(float(s) for s in rrc_scale)
         self.train_subset = None if train_subset is None else tuple(int(i) for i in train_subset)
         _check_options(self.hparams, self.rrc_scale, self.train_subset, self._spec)
-        _check_own(self.hparams)
+        owndata.check_options(self.hparams)
         default_in_memory = self._spec.in_memory if self._spec else False
         self.in_memory = default_in_memory if in_memory is None and not cache else bool(in_memory)
         self.class_names: list[str] | None = (list(self._spec.names or []) or None

@@ -13,9 +13,27 @@ import numpy as np
 import PIL.Image
 
 from distortkd.errors import UserError, unknown
-from distortkd.sources import LOAD_ERRORS, DatasetSpec, column_values, hub_load
+from distortkd.sources import LOAD_ERRORS, OWN, DatasetSpec, column_values, hub_load
 
 VAL_SPLITS = ("validation", "valid", "val", "dev")  # what `datasets` and users call a val split
+
+
+def check_options(h) -> None:
+    """What ``folder`` and ``hub`` need (``h``: the datamodule's hyperparameters): a folder path; a
+    hub id or local copy; roles by name; and that no other dataset is given their options."""
+    own = h.name in OWN
+    for ok, bad in [
+        (h.name != "folder" or h.path, "data=folder needs data.path=<image folder>"),
+        (h.name != "hub" or h.hub_id or h.path,
+         "data=hub needs data.hub_id=<hub dataset id> or data.path=<local copy>"),
+        (own or not any((h.hub_id, h.image_column, h.label_column, h.splits)),
+         f"hub_id, image_column, label_column and splits are for data=folder and data=hub, not "
+         f"{h.name}"),
+        (not h.splits or set(h.splits) <= {"train", "val", "test"},
+         f"splits keys {sorted(h.splits or [])}; accepted: train, val, test"),
+    ]:
+        if not ok:
+            raise UserError(bad)
 
 
 def _images_in(folder: Path) -> list[Path]:

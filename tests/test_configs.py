@@ -21,6 +21,7 @@ from omegaconf import OmegaConf, open_dict
 
 from distortkd import CONF, build, checks, cli
 from distortkd.errors import UserError
+from distortkd.sources import DATASETS, OWN
 from distortkd.steps import distill_loss
 from distortkd.training import make_loggers, make_trainer
 from distortkd.vit import FrozenTeacher, ToTeacher
@@ -208,6 +209,14 @@ BUILDERS = {"model": build_model_option, "teacher": build_teacher_option,
 
 def test_every_group_has_a_builder():
     assert set(GROUPS) == {*BUILDERS, "experiment"}, "a new config group needs a builder here"
+
+
+def test_every_registered_dataset_has_a_data_config_and_back():
+    """A ``DATASETS`` entry is reachable (and so built above) only through its ``conf/data`` file;
+    a data config names a registered dataset or the user's own data."""
+    assert set(options("data")) == {*DATASETS, *OWN}
+    for option in options("data"):
+        assert OmegaConf.load(CONF_DIR / "data" / f"{option}.yaml").name == option
 
 
 @pytest.mark.parametrize("group, option", [(g, o) for g in BUILDERS for o in options(g)])
