@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import io
 import json
 import math
 import os
@@ -35,15 +34,18 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
-from PIL import Image
 from torch import Tensor, nn
 
 from distortkd import CONF
-from distortkd.bench import (
+from distortkd.bench_data import stream_ips, write_parquet
+from distortkd.build import build_distortion, build_loss
+from distortkd.errors import UserError
+from distortkd.rundir import finite_json, write_json
+from distortkd.steps import distill_loss, supervised_loss
+from distortkd.timing import (
     DTYPES,
     Bench,
     Result,
@@ -52,10 +54,6 @@ from distortkd.bench import (
     peak_bf16_tflops,
     train_step,
 )
-from distortkd.build import build_distortion, build_loss
-from distortkd.errors import UserError
-from distortkd.rundir import finite_json, write_json
-from distortkd.steps import distill_loss, supervised_loss
 from distortkd.vit import FrozenTeacher
 
 NO_CUDA = "no CUDA device; accepted: a CUDA machine, or --tiny for the CPU smoke version"
@@ -106,12 +104,12 @@ def _conf(group: str, name: str):
 def _distill(b: Bench):
     """``(params, loss(images))`` of the training run's distillation step (``conf/`` defaults)."""
     teacher, student = FrozenTeacher(b.encoder()), b.encoder().train()
-    loss_fn, _, with_attn = build_loss(_conf("loss", "multilevel"))
+    loss = build_loss(_conf("loss", "multilevel"))
     distortion = build_distortion(_conf("distortion", "noise_strong"))
     x = b.images()
 
     def loss_of(images: Tensor) -> Tensor:
-        return distill_loss(student, teacher, distortion, loss_fn, images, with_attn=with_attn)["loss"]
+        return distill_loss(student, teacher, distortion, loss, images)["loss"]
 
     return [*student.parameters()], loss_of, (x,)
 
@@ -165,55 +163,6 @@ def _one_line(err: BaseException) -> str:
     traceback.print_exception(err, file=sys.stderr)  # the whole story goes to the console
     return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
 
-
-def jpeg(rng: np.random.Generator, size: tuple[int, int]) -> bytes:
-    """A random-texture JPEG of ``size`` (w, h): upsampled noise compresses like a photo."""
-    small = rng.integers(0, 256, (max(1, size[1] // 8), max(1, size[0] // 8), 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(small).resize(size, Image.BILINEAR).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
-def write_parquet(root: Path, plan: Plan) -> Path:
-    """ImageNet-100 in the hub layout (``data/{train,validation}-00000-of-00001.parquet``, image
-    bytes + ``ClassLabel``), ``plan.images`` train rows and one validation row per class."""
-    import datasets
-
-    from distortkd.sources import DATASETS
-
-    spec, rng = DATASETS["imagenet100"], np.random.default_rng(0)
-    pool = [jpeg(rng, plan.jpeg_size) for _ in range(plan.distinct)]
-    features = datasets.Features({spec.image_key: datasets.Image(),
-                                  spec.label_key: datasets.ClassLabel(num_classes=spec.num_classes)})
-    for split, n in (("train", plan.images), ("validation", spec.num_classes)):
-        rows = {spec.image_key: [{"bytes": pool[i % len(pool)], "path": None} for i in range(n)],
-                spec.label_key: [i % spec.num_classes for i in range(n)]}
-        table = datasets.Dataset.from_dict(rows, features=features)
-        (root / "data").mkdir(parents=True, exist_ok=True)
-        table.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
-    return root
-
-
-def stream_ips(loader, device: torch.device, batches: int, to_images: Callable | None) -> float:
-    """Images/s of ``batches`` batches moved to ``device`` (and cropped there by ``to_images``),
-    after one epoch that starts the (persistent) workers."""
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    def take(batch):
-        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        return to_images(batch, train=True) if to_images else batch
-
-    for batch in loader:
-        take(batch)
-    sync()
-    it = (batch for _ in iter(int, 1) for batch in loader)  # endless; workers persist
-    n, start = 0, time.perf_counter()
-    for _ in range(batches):
-        n += len(take(next(it))["image"])
-    sync()
-    return n / (time.perf_counter() - start)
 
 
 def data_section(plan: Plan, device: torch.device, root: Path, cache_dir: str, step_ips) -> dict:
@@ -336,7 +285,8 @@ def run(plan: Plan, device: torch.device) -> tuple[dict, dict]:
                                          if "peak_MiB" in sections[k]["variants"][v]}, "memory")
     with tempfile.TemporaryDirectory() as tmp:
         root, cache_dir = Path(tmp) / "imagenet100", f"{tmp}/cache"
-        written = _guard(lambda: write_parquet(root, plan), "writing the JPEG parquet")
+        written = _guard(lambda: write_parquet(root, plan.images, plan.distinct, plan.jpeg_size),
+                         "writing the JPEG parquet")
         step_ips = _best_ips(sections["distill"])
         sections["data"] = written if isinstance(written, dict) else _guard(
             lambda: data_section(plan, device, root, cache_dir, step_ips), "data")

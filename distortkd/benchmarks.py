@@ -30,8 +30,9 @@ from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as TF
 
 from distortkd import sources
-from distortkd.data import HFImages, TensorImages, collate, first_k
 from distortkd.errors import UserError
+from distortkd.imagesets import HFImages, TensorImages, collate
+from distortkd.splits import first_k
 from distortkd.transforms import BatchTransform, pil_transform
 
 LEVELS = (1, 2, 3, 4, 5)

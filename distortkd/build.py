@@ -8,14 +8,13 @@ way everywhere. Nothing here knows about Hydra's entry points.
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from distortkd import distortions, rundir
-from distortkd.errors import UserError, unknown
-from distortkd.losses import LOSSES
+from distortkd.errors import UserError
+from distortkd.losses import DistillLoss, make_loss
 from distortkd.modules import load_encoder_weights, run_checkpoint
 from distortkd.vit import Encoder, build_encoder
 
@@ -94,13 +93,9 @@ def build_distortion(cfg: DictConfig) -> distortions.Distortion:
     return distortions.build(cfg.family, **_plain(cfg.params))
 
 
-def build_loss(cfg: DictConfig):
-    """``(loss_fn with parameters bound, contrastive?, needs attention taps?)``."""
-    if cfg.fn not in LOSSES:
-        raise unknown("loss function", cfg.fn, LOSSES)
-    params = _plain(cfg.params)
-    contrastive = cfg.fn == "contrastive"
-    return partial(LOSSES[cfg.fn], **params), contrastive, not contrastive and params.get("gamma", 0) != 0
+def build_loss(cfg: DictConfig) -> DistillLoss:
+    """The ``loss/`` node's loss with its parameters bound; it says what it reads (``needs``)."""
+    return make_loss(cfg.fn, **_plain(cfg.params))
 
 
 def schedule(cfg: DictConfig) -> dict:

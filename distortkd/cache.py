@@ -17,21 +17,18 @@ version, source, split, row count, label hash, shape). Each is written to ``<fil
 and renamed, the sidecar last, and a rebuild first deletes the old sidecar: a folder is trusted
 only when its sidecar matches, so a killed build is never read.
 
-``python -m distortkd.cache bench --n 512`` times the training loader before (PIL in workers) and
-after (canvases + ``BatchTransform`` in the main process).
+``distortkd-bench cache --n 512`` (``distortkd.bench_data``) times the training loader before (PIL
+in workers) and after (canvases + ``BatchTransform`` in the main process).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import math
 import os
 import shutil
-import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -102,7 +99,7 @@ def _whole(batch):  # batches come whole from HFImages.__getitems__
 def load_or_build(where: Path, meta: dict, rows: Dataset, num_workers: int) -> np.ndarray:
     """Validity mask ``[N]`` of the cache in ``where``, built first unless its sidecar matches.
 
-    ``rows``: a ``data.HFImages`` over the whole split with a ``canvas_transform``; its ``bad``
+    ``rows``: an ``imagesets.HFImages`` over the whole split with a ``canvas_transform``; its ``bad``
     flags and ``max_bad_fraction`` apply as on the lazy path. Decoding runs in ``num_workers``.
     """
     if not _trusted(where, meta):
@@ -177,75 +174,3 @@ class CanvasImages(Dataset):
 
     def __getitem__(self, position: int) -> dict[str, Tensor]:
         return {k: v[0] for k, v in self.__getitems__([position]).items()}
-
-
-def _stream_ips(loader: DataLoader, batches: int, transform=None) -> tuple[float, float]:
-    """Images/s over ``batches`` batches after one (worker start-up), and the share of the time
-    spent in ``transform``."""
-    it = (b for _ in iter(int, 1) for b in loader)  # endless; workers persist
-    next(it)
-    n, spent, start = 0, 0.0, time.perf_counter()
-    for _ in range(batches):
-        batch = next(it)
-        if transform is not None:
-            t0 = time.perf_counter()
-            batch = transform(batch)
-            spent += time.perf_counter() - t0
-        n += len(batch["image"])
-    total = time.perf_counter() - start
-    return n / total, spent / total
-
-
-def bench(n: int, workers: list[int], batch: int, image_size: int, repeats: int,
-          batches: int) -> None:
-    """Prints training-loader images/s, PIL path vs uint8 cache, per worker count (medians)."""
-    from distortkd.bench import write_imagefolder
-    from distortkd.data import ImageDataModule
-
-    with tempfile.TemporaryDirectory() as tmp:
-        root = write_imagefolder(Path(tmp) / "images", n, 100)  # imagenet100: 100 class folders
-        kw = dict(path=str(root), image_size=image_size, batch_size=batch, pin_memory=False,
-                  cache_dir=f"{tmp}/cache")
-        start = time.perf_counter()
-        ImageDataModule("imagenet100", cache="uint8", num_workers=max(workers), **kw).dataset("train")
-        build = time.perf_counter() - start
-        print(f"{n} JPEGs ~500x400 -> {image_size}px, batch {batch}, {batches} batches x "
-              f"{repeats} repeats; cache build ({max(workers)} workers): {build:.1f} s; "
-              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
-        print("workers | before img/s (PIL) | after: loader only | after: loader + crop | speedup"
-              " | crop share")
-        for w in workers:
-            before, loader, after, share = [], [], [], []
-            for _ in range(repeats):
-                dm = ImageDataModule("imagenet100", num_workers=w, **kw)
-                before.append(_stream_ips(dm.train_dataloader(), batches)[0])
-                dm = ImageDataModule("imagenet100", cache="uint8", num_workers=w, **kw)
-                loader.append(_stream_ips(dm.train_dataloader(), batches)[0])
-                ips, part = _stream_ips(dm.train_dataloader(), batches,
-                                        lambda b, dm=dm: dm.to_images(b, train=True))
-                after.append(ips)
-                share.append(part)
-            b, a = statistics.median(before), statistics.median(after)
-            print(f"{w:7d} | {b:18.0f} | {statistics.median(loader):18.0f} | {a:20.0f} | "
-                  f"{a / b:6.1f}x | {statistics.median(share):.0%}   (ranges: before "
-                  f"{min(before):.0f}-{max(before):.0f}, after {min(after):.0f}-{max(after):.0f})")
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m distortkd.cache", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("bench", help="training loader images/s: PIL path vs uint8 cache")
-    b.add_argument("--n", type=int, default=512, help="generated JPEGs (>= 100)")
-    b.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    b.add_argument("--batch", type=int, default=64)
-    b.add_argument("--image-size", type=int, default=224)
-    b.add_argument("--repeats", type=int, default=3)
-    b.add_argument("--batches", type=int, default=12, help="timed batches per measurement")
-    args = p.parse_args(argv)
-    if args.n < 100:
-        raise SystemExit("--n must be >= 100 (imagenet100 has 100 classes)")
-    bench(args.n, args.workers, args.batch, args.image_size, args.repeats, args.batches)
-
-
-if __name__ == "__main__":
-    main()

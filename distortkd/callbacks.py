@@ -36,10 +36,12 @@ class AttentionPanels(L.Callback):
         from distortkd.evaluation import attention_maps
         from distortkd.figures import attention_figures
 
-        if self._batch is None:
-            self._batch = next(iter(trainer.datamodule.val_dataloader()))
-        images = trainer.datamodule.to_images({"image": self._batch["image"][: self.k].to(module.device)})["image"]
-        seeds = sample_seeds(self._batch["index"][: self.k].to(module.device), module.eval_seed)
+        if self._batch is None:  # the same k validation images every epoch
+            dm = trainer.datamodule
+            batch = next(dm.device_batches(dm.val_dataloader(), module.device))
+            self._batch = {key: batch[key][: self.k] for key in ("image", "index")}
+        images = self._batch["image"]
+        seeds = sample_seeds(self._batch["index"], module.eval_seed)
         with torch.no_grad():
             maps = attention_maps(student, module.teacher, module.teacher.encoder, images,
                                   module.distortion, seeds)

@@ -13,7 +13,7 @@ import numbers
 
 from omegaconf import DictConfig, OmegaConf
 
-from distortkd import distortions, sources
+from distortkd import distortions, owndata
 from distortkd.benchmarks import BENCHMARKS, stored_cells
 from distortkd.errors import UserError, unknown
 from distortkd.losses import CONTRASTIVE_VARIANTS, LOSSES
@@ -125,8 +125,8 @@ def check_labelled_folder(cfg: DictConfig) -> None:
     path = cfg.data.get("path")
     if cfg.data.get("name") != "folder" or not path:
         return  # a hub dataset's labels are known once loaded: ImageDataModule.num_classes
-    classes = sources.folder_layout(path)
-    if (err := sources.unlabelled_error(path, "folder", classes, bool(classes))) is not None:
+    classes = owndata.folder_layout(path)
+    if (err := owndata.unlabelled_error(path, "folder", classes, bool(classes))) is not None:
         raise err
 
 

@@ -55,11 +55,10 @@ def run_distill(cfg: DictConfig, run_dir: Path) -> dict:
     student = build_model(cfg.model, trust=cfg.trust_checkpoint)
     teacher = build_teacher(cfg.get("teacher"), cfg.model, student, trust=cfg.trust_checkpoint)
     check_teacher(student, teacher, cfg.loss, (cfg.get("teacher") or {}).get("name") or cfg.model.name)
-    loss_fn, contrastive, with_attn = build_loss(cfg.loss)
     module = DistillModule(
-        student, teacher, build_distortion(cfg.distortion), loss_fn,
+        student, teacher, build_distortion(cfg.distortion), build_loss(cfg.loss),
         optimizer=instantiate(cfg.optim.optimizer), warmup=cfg.optim.warmup,
-        eval_seed=cfg.seed, with_attn=with_attn, contrastive=contrastive, compile=cfg.model.compile,
+        eval_seed=cfg.seed, compile=cfg.model.compile,
         **schedule(cfg.optim),
     )
     trainer = make_trainer(cfg, run_dir, monitor="val/loss", mode="min")

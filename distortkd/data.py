@@ -1,6 +1,6 @@
 """One LightningDataModule over Hugging Face ``datasets``, configured per dataset by a spec: a
 ``DATASETS`` entry, or for the user's own data (``data=folder``, ``data=hub``) one read from the
-data itself (``sources.own_spec``).
+data itself (``owndata.own_spec``).
 
 Batches are clean: ``{"image": [B, C, S, S] float32 in [0, 1], "label": [B] int64 (-1: unlabelled
 own data), "index": [B] int64}``, ``index`` being the sample's row in its underlying split
@@ -15,175 +15,34 @@ Three ways to hold a split: lazily (``HFImages``, PIL decode and transforms in t
 memory (``TensorImages``: small same-size datasets, batched transforms in the workers) or, with
 ``cache="uint8"``, as uint8 canvases decoded once to disk (``cache.CanvasImages``): the loaders
 then carry uint8 ``[B, C, S', S']`` and ``on_after_batch_transfer`` crops them on the device into
-the batches above. Loops that iterate a loader outside Lightning's hooks call ``to_images``.
+the batches above. Loops that iterate a loader outside Lightning's hooks (evaluation, k-NN
+banks, attention figures) read it through ``device_batches``, which converts the same way: outside
+this module every batch is ``[0, 1]`` images.
 """
 
 from __future__ import annotations
 
-import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import datasets
 import lightning as L
 import numpy as np
-import PIL.Image
 import torch
+from lightning.pytorch.utilities import move_data_to_device
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, default_collate
-from torchvision.transforms import v2
+from torch.utils.data import DataLoader, Dataset
 
 from distortkd import cache as canvases
-from distortkd import sources
+from distortkd import owndata, sources
 from distortkd.errors import UserError, unknown
-from distortkd.images import BadImage, open_image
+from distortkd.imagesets import HFImages, TensorImages, collate
 from distortkd.sources import DATASETS, OWN, DatasetSpec, load_hub_split, open_local
-from distortkd.sources import NO_VAL as NO_VAL  # re-exported
-from distortkd.sources import read_idx as read_idx  # re-exported
+from distortkd.splits import carve_val, first_k, stratified_subset
 from distortkd.transforms import BatchTransform, canvas_transform, pil_transform
-from distortkd.transforms import resized_crop as resized_crop  # re-exported
-from distortkd.transforms import rrc_boxes as rrc_boxes  # re-exported
 
 log = logging.getLogger(__name__)
-
-
-def stratified_subset(labels: np.ndarray, fraction: float, seed: int | Sequence[int],
-                      option: str = "label_fraction") -> np.ndarray:
-    """Sorted positions of a seeded, stratified ``fraction`` of ``labels [N]``.
-
-    Each class keeps ``round(fraction * count)`` images (halves round up); a fraction that would
-    keep none of some class is refused, naming ``option`` and the smallest class count.
-    """
-    classes, counts = np.unique(labels, return_counts=True)
-    keep = np.floor(counts * fraction + 0.5).astype(int)
-    if len(keep) and keep.min() == 0:
-        n = int(counts.min())
-        raise UserError(f"{option} {fraction} leaves a class without train images: the "
-                        f"smallest class has {n} images; accepted: {option} >= {0.5 / n:.3g}")
-    rng = np.random.default_rng(seed)
-    picks = [rng.permutation(np.flatnonzero(labels == c))[:k]
-             for c, k in zip(classes, keep, strict=True)]
-    return np.sort(np.concatenate(picks or [np.arange(0)]))
-
-
-def carve_val(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Positions ``(train, val)`` of ``labels [N]``: a seeded, stratified ``fraction`` becomes val,
-    the rest train; refused when either side would lose a whole class."""
-    # Its own stream (seed, 1): label_fraction later draws from ``seed`` on the train side.
-    val = stratified_subset(labels, fraction, (seed, 1), "val_fraction")
-    train = np.setdiff1d(np.arange(len(labels)), val, assume_unique=True)
-    if len(train) and len(np.unique(labels[train])) < len(np.unique(labels)):
-        n = int(np.unique(labels, return_counts=True)[1].min())
-        raise UserError(f"val_fraction {fraction} leaves a class without train images: the "
-                        f"smallest class has {n} images; accepted: val_fraction <= {1 - 0.5 / n:.3g}")
-    return train, val
-
-
-def first_k(index: np.ndarray, k: int | None, seed: int) -> np.ndarray:
-    """The first ``k`` entries of ``index`` after a seeded shuffle, in ascending order."""
-    if k is None or k >= len(index):
-        return index
-    return np.sort(np.random.default_rng(seed).permutation(index)[:k])
-
-
-def collate(batch):
-    """Batches come whole from ``__getitems__``; per-sample lists drop undecodable (None) ones."""
-    return batch if isinstance(batch, dict) else default_collate([s for s in batch if s])
-
-
-class TensorImages(Dataset):
-    """A split held in memory as ``images [N, C, h, w]`` uint8 and ``labels [N]``; ``index`` picks
-    rows. ``__getitems__`` gathers and transforms a whole batch: no PIL, no per-sample Python."""
-
-    def __init__(self, images: Tensor, labels, index, transform: BatchTransform):
-        self.images, self.labels, self.transform = images, torch.as_tensor(labels), transform
-        self.index = torch.as_tensor(index, dtype=torch.int64)
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitems__(self, positions: list[int]) -> dict[str, Tensor]:
-        # Too little work per op to share out: on a busy 2-core machine OpenMP's hand-offs cost
-        # 10-50x the work itself. Workers run one thread already; in the main process, so does this.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            idx = self.index[torch.as_tensor(positions, dtype=torch.int64)]
-            image = self.transform(self.images[idx])
-            return {"image": image, "label": self.labels[idx], "index": idx}
-        finally:
-            torch.set_num_threads(threads)
-
-    def __getitem__(self, position: int) -> dict[str, Tensor]:
-        return {k: v[0] for k, v in self.__getitems__([position]).items()}
-
-
-class HFImages(Dataset):
-    """A split read lazily from a ``datasets`` table with an undecoded image column (``labels [N]``
-    covers the split, ``index`` picks rows), decoded with PIL in the DataLoader workers.
-
-    An undecodable file is logged, flagged in ``bad`` (shared memory: the main process sees what
-    the workers met) and left out of its batch; more than ``max_bad_fraction`` of the split bad
-    raises ``UserError``. ``transform=None``: ``decode_all`` holds the split in memory instead.
-    """
-
-    def __init__(self, table: datasets.Dataset, key: str, labels, index, transform, mode: str,
-                 max_bad_fraction: float, where: str):
-        self.table, self.key, self.mode = table, key, mode
-        self.transform = transform or v2.PILToTensor()
-        self.labels, self.index = np.asarray(labels, np.int64), np.asarray(index, np.int64)
-        self.max_bad, self.where = max_bad_fraction, where
-        self.bad = torch.zeros(len(self.index), dtype=torch.bool).share_memory_()
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def _decode(self, value: dict, position: int) -> PIL.Image.Image | None:
-        value = value or {}  # a null cell
-        try:
-            source = io.BytesIO(value["bytes"]) if value.get("bytes") else value.get("path")
-            if source is None:
-                raise BadImage("the row holds no image (neither bytes nor path)")
-            return open_image(source, self.mode)
-        except BadImage as err:
-            self.bad[position] = True
-            n_bad, path = int(self.bad.sum()), value.get("path")
-            log.warning("skipping undecodable image %s (row %d of %s): %s",
-                        path, self.index[position], self.where, err)
-            if n_bad > self.max_bad * len(self):
-                raise UserError(
-                    f"{n_bad} of {len(self)} images of {self.where} are undecodable, more than "
-                    f"max_bad_fraction {self.max_bad}; last: {path}") from None
-            return None
-
-    def __getitems__(self, positions: list[int]) -> dict[str, Tensor]:
-        values = self.table[self.index[positions].tolist()][self.key]
-        decoded = [(p, self._decode(v, p)) for p, v in zip(positions, values, strict=True)]
-        kept = [(p, self.transform(im)) for p, im in decoded if im is not None]
-        idx = self.index[[p for p, _ in kept]]
-        image = torch.stack([t for _, t in kept]) if kept else torch.empty(0)
-        return {"image": image, "label": torch.from_numpy(self.labels[idx]),
-                "index": torch.from_numpy(idx)}
-
-    def __getitem__(self, position: int) -> dict[str, Tensor] | None:
-        batch = self.__getitems__([position])
-        return {k: v[0] for k, v in batch.items()} if len(batch["index"]) else None
-
-    def decode_all(self) -> Tensor:
-        """All rows of ``index`` decoded once (``transform=None``): uint8 ``[len, C, h, w]``,
-        zeros where ``bad``."""
-        try:
-            chunks = [self.__getitems__(list(range(i, min(i + 1024, len(self)))))["image"]
-                      for i in range(0, len(self), 1024)]
-            images = torch.cat([c for c in chunks if len(c)])
-        except RuntimeError:
-            raise UserError(f"{self.where}: in_memory needs images of one size; set "
-                            "data.in_memory=false") from None
-        full = torch.zeros(len(self), *images.shape[1:], dtype=torch.uint8)
-        full[~self.bad] = images
-        return full
 
 
 def _check_options(h, rrc_scale: tuple, subset: tuple | None, spec: DatasetSpec | None) -> None:
@@ -210,23 +69,6 @@ def _check_options(h, rrc_scale: tuple, subset: tuple | None, spec: DatasetSpec 
             raise UserError(f"invalid data option {bad}")
 
 
-def _check_own(h) -> None:
-    """What ``folder`` and ``hub`` need: a folder path; a hub id or local copy; roles by name."""
-    own = h.name in OWN
-    for ok, bad in [
-        (h.name != "folder" or h.path, "data=folder needs data.path=<image folder>"),
-        (h.name != "hub" or h.hub_id or h.path,
-         "data=hub needs data.hub_id=<hub dataset id> or data.path=<local copy>"),
-        (own or not any((h.hub_id, h.image_column, h.label_column, h.splits)),
-         f"hub_id, image_column, label_column and splits are for data=folder and data=hub, not "
-         f"{h.name}"),
-        (not h.splits or set(h.splits) <= {"train", "val", "test"},
-         f"splits keys {sorted(h.splits or [])}; accepted: train, val, test"),
-    ]:
-        if not ok:
-            raise UserError(bad)
-
-
 _STAGE_ROLES = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",),
                 "predict": ("test",)}
 
@@ -237,13 +79,13 @@ class ImageDataModule(L.LightningDataModule):
 
     Args:
         name: a key of ``DATASETS``; or ``folder`` (an image folder at ``path``, see
-            ``sources.folder_layout``) or ``hub`` (any hub image-classification dataset,
+            ``owndata.folder_layout``) or ``hub`` (any hub image-classification dataset,
             ``hub_id``, or its local copy at ``path``), whose spec is read from the data itself.
         path: local copy (``save_to_disk`` folder, hub-layout parquet, image folder; an IDX folder
             for Fashion-MNIST); None: the hub (Fashion-MNIST: Debian's IDX files when installed).
         hub_id, image_column, label_column, splits: own data only: the hub dataset; the image and
             label columns and the split of each role (``{"train": ..., "val": ..., "test": ...}``),
-            None for what ``sources.own_spec`` reads from the features. Without a val split, val is
+            None for what ``owndata.own_spec`` reads from the features. Without a val split, val is
             carved by ``val_fraction``; without a test split, the test role is the val split.
         image_size: output side S in pixels. crop_pct: eval center crop of the resized short side.
         in_chans: 3 (RGB) or 1 (grayscale).
@@ -285,7 +127,7 @@ class ImageDataModule(L.LightningDataModule):
         self.rrc_scale = tuple(float(s) for s in rrc_scale)
         self.train_subset = None if train_subset is None else tuple(int(i) for i in train_subset)
         _check_options(self.hparams, self.rrc_scale, self.train_subset, self._spec)
-        _check_own(self.hparams)
+        owndata.check_options(self.hparams)
         default_in_memory = self._spec.in_memory if self._spec else False
         self.in_memory = default_in_memory if in_memory is None and not cache else bool(in_memory)
         self.class_names: list[str] | None = (list(self._spec.names or []) or None
@@ -300,7 +142,7 @@ class ImageDataModule(L.LightningDataModule):
         """The ``DATASETS`` entry, or the own data's spec read from its splits and features."""
         if self._spec is None:
             h = self.hparams
-            self._spec = sources.own_spec(self._open(), self._where, h.image_column,
+            self._spec = owndata.own_spec(self._open(), self._where, h.image_column,
                                           h.label_column, h.splits)
             self.class_names = list(self._spec.names or []) or None
         return self._spec
@@ -311,7 +153,7 @@ class ImageDataModule(L.LightningDataModule):
         a fine-tune or an evaluation asks: distillation reads no labels)."""
         spec = self.spec
         names = self.class_names or [str(c) for c in range(spec.num_classes)]
-        err = sources.unlabelled_error(self._where, self.name, names,
+        err = owndata.unlabelled_error(self._where, self.name, names,
                                        spec.label_key is not None) if self.name in OWN else None
         if err is not None:
             raise err
@@ -332,9 +174,9 @@ class ImageDataModule(L.LightningDataModule):
         if self._local is None:
             h = self.hparams
             if self.name == "folder":
-                self._local = sources.open_folder(self.path, h.cache_dir)
+                self._local = owndata.open_folder(self.path, h.cache_dir)
             elif self.name == "hub" and self.path is None:
-                self._local = sources.open_hub(h.hub_id, h.cache_dir)
+                self._local = owndata.open_hub(h.hub_id, h.cache_dir)
             else:
                 self._local = open_local(self.path, h.cache_dir)
         return self._local
@@ -384,7 +226,7 @@ class ImageDataModule(L.LightningDataModule):
             raw["table"] = table = self._table(split)
             raw["labels"] = self._labels(table, split)
             if self.spec.ood and split == self.spec.splits["ood"]:
-                raw["ood"] = sources._column(table, self.spec.ood[0]) == self.spec.ood[1]
+                raw["ood"] = sources.column_values(table, self.spec.ood[0]) == self.spec.ood[1]
             if self.in_memory:
                 where = f"{self.name} {split}"
                 rows = HFImages(table, self.spec.image_key, raw["labels"], np.arange(len(table)),
@@ -531,6 +373,13 @@ class ImageDataModule(L.LightningDataModule):
                                    self.rrc_scale, self.in_chans)
         # Convex weights, but float sums can overshoot 1 by an ulp: clamp to keep the contract.
         return {**batch, "image": transform(batch["image"]).clamp_(0, 1)}
+
+    def device_batches(self, loader: DataLoader, device: torch.device | str) -> Iterator[dict]:
+        """``loader``'s batches on ``device`` as clean ``[0, 1]`` batches (module docstring):
+        uint8 canvases get the eval crop there, as Lightning's hook would give them outside
+        training. For loops that iterate a loader themselves, so none converts by hand."""
+        for batch in loader:
+            yield self.to_images(move_data_to_device(batch, device))
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Lightning's hook after each batch reaches the device: ``to_images``, training crops while

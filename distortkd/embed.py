@@ -71,7 +71,7 @@ def list_images(folder: str | Path) -> list[Path]:
 
 
 def eval_transform(input_size: Sequence[int], crop_pct: float, interpolation: str) -> Callable:
-    """PIL image → ``[C, H, W]`` float32 in ``[0, 1]``, as ``distortkd.data.pil_transform`` evaluates:
+    """PIL image → ``[C, H, W]`` float32 in ``[0, 1]``, as ``distortkd.transforms.pil_transform`` evaluates:
     shorter side resized to ``floor(H / crop_pct)`` pixels, then a centred ``H × W`` crop."""
     _, h, w = input_size
     return v2.Compose([

@@ -64,11 +64,11 @@ def load_finetuned(cfg: DictConfig, build_model, num_classes: int, path: Path) -
 def diagnose(encoder: Encoder, teacher: FrozenTeacher, datamodule, dist, seed: int, max_batches: int, device):
     """Diagnostics of ``encoder`` (and of the teacher itself) on distorted vs teacher on clean."""
     ours, base = RepresentationMeter(), RepresentationMeter()
-    for i, batch in enumerate(datamodule.test_dataloader()):
+    for i, batch in enumerate(datamodule.device_batches(datamodule.test_dataloader(), device)):
         if i >= max_batches:
             break
-        x = datamodule.to_images({**batch, "image": batch["image"].to(device)})["image"]
-        xd = dist(x, sample_seeds(batch["index"].to(device), seed))
+        x = batch["image"]
+        xd = dist(x, sample_seeds(batch["index"], seed))
         clean = teacher.features(x)
         ours.update(encoder.features(xd), clean)
         base.update(teacher.features(xd), clean)
@@ -135,10 +135,10 @@ def _benchmark_summary(stored: benchmarks.StoredCells) -> dict:
 
 
 def _save_attention(cfg, run_dir, module, teacher, datamodule, build_model, device) -> None:
-    batch = next(iter(datamodule.test_dataloader()))
+    batch = next(datamodule.device_batches(datamodule.test_dataloader(), device))
     k = int(cfg.attention.num_images)
-    images = datamodule.to_images({"image": batch["image"][:k].to(device)})["image"]
-    seeds = sample_seeds(batch["index"][:k].to(device), cfg.seed)
+    images = batch["image"][:k]
+    seeds = sample_seeds(batch["index"][:k], cfg.seed)
     baseline = None
     if cfg.attention.baseline_ckpt:
         path = Path(cfg.attention.baseline_ckpt)

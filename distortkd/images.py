@@ -1,5 +1,5 @@
 """One image file → one PIL image in a model's mode: the single decode behind the training path
-(``data.HFImages``, hence also the in-memory splits and the ``data.cache=uint8`` canvases) and
+(``imagesets.HFImages``, hence also the in-memory splits and the ``data.cache=uint8`` canvases) and
 ``distortkd-embed``, so a file reads the same everywhere.
 
 A file is decoded faithfully or not at all: ``open_image`` raises ``BadImage`` (its message is the

@@ -3,12 +3,14 @@
 Shapes: CLS ``[B, D]``, patch tokens ``[B, N, D]``, CLS→patch attention logits ``[B, H, N]``
 (pre-softmax, one row per head). Every function is differentiable in the student's input only
 through what the caller passes; the teacher's tensors are expected to be detached already.
+``make_loss`` binds a registered loss's parameters into a ``DistillLoss``, which says what it reads.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -183,3 +185,39 @@ LOSSES = {
     "multilevel": multilevel_loss,
     "contrastive": partial(contrastive_inversion_loss, gather=gather_across_ranks),
 }
+
+NEEDS = ("embeddings", "tokens", "attention")  # what a distillation loss can read, cheapest first
+
+
+@dataclass(frozen=True)
+class DistillLoss:
+    """A distillation loss with its parameters bound, and what it reads from the two encoders.
+
+    ``needs``: ``embeddings`` (pooled ``[B, D]``), ``tokens`` (``Features``: CLS and patch tokens)
+    or ``attention`` (``Features`` with the last block's CLS attention logits too). The step
+    computes exactly that, so a loss needing another tap says so here instead of a flag threaded
+    through the CLI, the module and the step.
+    """
+
+    fn: Callable[..., dict[str, Tensor]]
+    needs: str = "attention"
+
+    def __call__(self, student, teacher) -> dict[str, Tensor]:
+        return self.fn(student, teacher)
+
+
+# What each registered loss reads, from its parameters: multilevel with γ = 0 reads no attention
+# (γ defaults to 1 as in ``multilevel_loss``).
+READS = {"multilevel": lambda params: "attention" if params.get("gamma", 1.0) else "tokens",
+         "contrastive": lambda params: "embeddings"}
+
+
+def make_loss(name: str, **params) -> DistillLoss:
+    """``LOSSES[name]`` with ``params`` bound, and what it reads (``READS``).
+
+    Raises:
+        UserError: unknown ``name`` (names the accepted ones).
+    """
+    if name not in LOSSES:
+        raise unknown("loss function", name, LOSSES)
+    return DistillLoss(partial(LOSSES[name], **params), READS[name](params))

@@ -23,8 +23,8 @@ from distortkd.diagnostics import RepresentationMeter
 from distortkd.distortions import Distortion
 from distortkd.draws import sample_seeds
 from distortkd.errors import UserError, unknown
-from distortkd.losses import attention_kl
-from distortkd.steps import distill_loss, supervised_loss
+from distortkd.losses import DistillLoss, attention_kl
+from distortkd.steps import distill_loss, distill_step, supervised_loss
 from distortkd.vit import Encoder, FrozenTeacher, ToTeacher
 
 
@@ -156,9 +156,8 @@ class DistillModule(_Base):
             or a smaller one, whose features ``to_teacher`` maps into the teacher's token space).
         teacher: encoder to freeze.
         distortion: applied on the device to the student's input.
-        loss_fn: ``multilevel_loss``-like function (``Features`` in) or, with ``contrastive``,
-            ``contrastive_inversion_loss`` (pooled embeddings in), parameters already bound.
-        with_attn: compute attention taps (False when the attention weight is 0).
+        loss: the distillation loss (``build_loss``); it says what the step computes
+            (pooled embeddings, tokens, or tokens and attention taps).
         diagnostics: optional callable ``(student_feats, teacher_feats) -> dict`` logged in validation.
     """
 
@@ -167,12 +166,10 @@ class DistillModule(_Base):
         student: Encoder,
         teacher: Encoder,
         distortion: Distortion,
-        loss_fn: Callable,
+        loss: DistillLoss,
         optimizer: Callable,
         warmup: float = 0.05,
         eval_seed: int = 0,
-        with_attn: bool = True,
-        contrastive: bool = False,
         compile: bool = False,
         schedule_interval: str = "step",
         cosine_period: str = "run",
@@ -185,8 +182,7 @@ class DistillModule(_Base):
         # export (``load_encoder_weights`` reads ``student.backbone.*`` only). No parameters and a
         # no-op when student and teacher share width and grid.
         self.to_teacher = ToTeacher.between(student, teacher)
-        self.distortion, self.loss_fn = distortion, loss_fn
-        self.with_attn, self.contrastive = with_attn and student.is_vit, contrastive
+        self.distortion, self.loss = distortion, loss
         self.step_fn = torch.compile(distill_loss) if compile else distill_loss
         # Representation diagnostics (cos CLS/patch, linear CKA, attention KL and top-k IoU) of the
         # student and of the untouched teacher on distorted vs the teacher on clean, per epoch.
@@ -195,8 +191,8 @@ class DistillModule(_Base):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
         if self.empty(batch):
             return None
-        out = self.step_fn(self.student, self.teacher, self.distortion, self.loss_fn, batch["image"],
-                           None, self.with_attn, self.contrastive, self.to_teacher)
+        out = self.step_fn(self.student, self.teacher, self.distortion, self.loss, batch["image"],
+                           None, self.to_teacher)
         self.check_finite(out["loss"])
         self.log_dict({f"train/{k}": v for k, v in out.items() if k != "loss"})
         self.log("train/loss", out["loss"], prog_bar=True)
@@ -205,14 +201,13 @@ class DistillModule(_Base):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if self.empty(batch):
             return
-        images, seeds = batch["image"], self.seeds(batch)
-        distorted = self.distortion(images, seeds)
         vit = self.student.is_vit and self.teacher.encoder.is_vit  # attention taps need both
-        t = self.teacher.features(images, with_attn=vit)
-        s = self.to_teacher(self.student.features(distorted, with_attn=vit))  # in the teacher's space
+        # Training's step, with the taps the diagnostics below read; s is in the teacher's space.
+        out, s, t, distorted = distill_step(self.student, self.teacher, self.distortion, self.loss,
+                                            batch["image"], self.seeds(batch), self.to_teacher,
+                                            taps="attention" if vit else "tokens")
         # The untouched teacher on distorted input: where the student started from.
         base = self.teacher.features(distorted, with_attn=vit)
-        out = self.loss_fn(s.cls, t.cls) if self.contrastive else self.loss_fn(s, t)
         metrics = {f"val/{k}": v for k, v in out.items() if k != "loss"}
         cos = lambda a, b: F.cosine_similarity(a.float(), b.float(), dim=-1).mean()  # noqa: E731
         metrics["val/cos_clean"], metrics["val/cos_clean_baseline"] = cos(s.cls, t.cls), cos(base.cls, t.cls)
@@ -324,9 +319,8 @@ class FinetuneModule(_Base):
         ``data.augment`` and on the random state, not on the features.
         """
         feats, labels = [], []
-        for batch in self.trainer.datamodule.bank_dataloader():
-            batch = self.transfer_batch_to_device(batch, self.device, 0)
-            batch = self.trainer.datamodule.to_images(batch)  # uint8 canvases (data.cache) → [0, 1]
+        dm = self.trainer.datamodule
+        for batch in dm.device_batches(dm.bank_dataloader(), self.device):
             x = self.distortion(batch["image"], self.seeds(batch))
             feats.append(F.normalize(self.encoder(x).float(), dim=-1))
             labels.append(batch["label"])

@@ -2,13 +2,12 @@
 detected at once), local copies (``data.path``) and Fashion-MNIST's IDX files (Debian's ``.gz``).
 
 Everything here returns tables, labels and uint8 arrays; ``distortkd.data`` turns them into
-torch Datasets and loaders.
+torch Datasets and loaders. A user's own data (``data=folder``, ``data=hub``) is ``owndata``.
 """
 
 from __future__ import annotations
 
 import gzip
-import io
 import math
 import os
 import socket
@@ -23,7 +22,6 @@ from pathlib import Path
 import datasets
 import huggingface_hub
 import numpy as np
-import PIL.Image
 
 from distortkd.errors import UserError, unknown
 
@@ -80,9 +78,8 @@ DATASETS: dict[str, DatasetSpec] = {
         names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                "Sneaker", "Bag", "Ankle boot")),
 }
-_ERRORS = (OSError, ValueError, datasets.exceptions.DatasetsError)  # what loading raises
+LOAD_ERRORS = (OSError, ValueError, datasets.exceptions.DatasetsError)  # what loading raises
 OWN = ("folder", "hub")  # a user's own data: no entry in DATASETS, its spec is read from the data
-VAL_SPLITS = ("validation", "valid", "val", "dev")  # what `datasets` and users call a val split
 
 
 @lru_cache(maxsize=1)
@@ -109,7 +106,7 @@ def _offline_mode():
         datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
 
 
-def _hub_load(what: str, hub_id: str, split: str | None, cache_dir: str | None):
+def hub_load(what: str, hub_id: str, split: str | None, cache_dir: str | None):
     """``load_dataset(hub_id, split=split)``; offline and uncached, a one-line ``UserError``."""
     flags = [os.environ.get(k, "").upper() for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")]
     offline = bool({"1", "ON", "YES", "TRUE"} & set(flags)) or datasets.config.HF_HUB_OFFLINE
@@ -117,7 +114,7 @@ def _hub_load(what: str, hub_id: str, split: str | None, cache_dir: str | None):
     try:
         with _offline_mode() if offline else nullcontext():
             return datasets.load_dataset(hub_id, split=split, cache_dir=cache_dir)
-    except _ERRORS as err:
+    except LOAD_ERRORS as err:
         why = "offline and not in the cache" if offline else str(err).strip().split("\n")[0][:160]
         raise UserError(f"cannot load dataset {what!r} from the Hugging Face Hub ({hub_id}, "
                         f"split {split or 'all'!r}): {why}; set data.path=<local copy> (save_to_disk "
@@ -127,7 +124,7 @@ def _hub_load(what: str, hub_id: str, split: str | None, cache_dir: str | None):
 def load_hub_split(name: str, split: str, cache_dir: str | None = None) -> datasets.Dataset:
     """One split from the hub or its local cache; offline and uncached, a one-line ``UserError``."""
     spec = DATASETS[name]
-    ds = _hub_load(name, spec.hub_id, split, cache_dir)
+    ds = hub_load(name, spec.hub_id, split, cache_dir)
     expected = (spec.sizes or {}).get(split)
     if expected is not None and len(ds) != expected:
         raise UserError(f"{spec.hub_id} split {split!r} has {len(ds):,} rows; the full hub copy "
@@ -144,7 +141,7 @@ def open_local(path: str | Path, cache_dir: str | None = None) -> datasets.Datas
         return datasets.load_from_disk(str(path))
     try:  # load_dataset picks the parquet or the imagefolder builder from the files it finds
         return datasets.load_dataset(str(path), cache_dir=cache_dir)
-    except _ERRORS as err:
+    except LOAD_ERRORS as err:
         raise UserError(f"data.path {str(path)!r} holds no dataset that `datasets` reads: "
                         f"{str(err).strip().split(chr(10))[0][:160]}") from None
 
@@ -243,7 +240,7 @@ def split_table(name: str, split: str, path: str | None, local: datasets.Dataset
     return table.cast_column(spec.image_key, datasets.Image(decode=False))
 
 
-def _column(table: datasets.Dataset, key: str) -> np.ndarray:
+def column_values(table: datasets.Dataset, key: str) -> np.ndarray:
     return np.asarray(table.select_columns([key]).with_format("numpy")[key])
 
 
@@ -256,7 +253,7 @@ def split_labels(name: str, table: datasets.Dataset, split: str,
     if spec.label_key is None:
         return np.full(len(table), -1, np.int64), None
     num_classes = spec.num_classes
-    feature, labels = table.features[spec.label_key], _column(table, spec.label_key)
+    feature, labels = table.features[spec.label_key], column_values(table, spec.label_key)
     names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
     file = spec.class_list
     order = (Path(__file__).parent / file).read_text().split() if file else []
@@ -271,163 +268,3 @@ def split_labels(name: str, table: datasets.Dataset, split: str,
         raise UserError(f"{name} split {split!r} has labels in [{labels.min()}, "
                         f"{labels.max()}]; expected 0..{num_classes - 1}")
     return labels.astype(np.int64), names
-
-
-# --- A user's own data (data=folder, data=hub): the spec is read from the data itself. ---
-
-def _images_in(folder: Path) -> list[Path]:
-    """Image files directly in ``folder``, by the extensions `datasets`' imagefolder reads."""
-    exts = datasets.packaged_modules.imagefolder.ImageFolder.EXTENSIONS
-    return [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in exts]
-
-
-def _subfolders(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def folder_layout(path: str | Path) -> list[str]:
-    """The sorted class-folder names of the image folder at ``path`` ([] for unlabelled images).
-
-    Accepted: ``train/<class>/*``, optional ``val/`` (or ``validation/``, ``valid/``, ``dev/``)
-    and ``test/`` alike; ``<class>/*`` (train only); ``train/*`` or ``*`` (unlabelled). Refused in
-    one line: a missing or empty folder, a class folder with no images, images next to class
-    folders, a val/test class that train lacks.
-    """
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        raise UserError(f"data.path {str(path)!r} is not a folder" if path.exists()
-                        else f"data.path {str(path)!r} does not exist")
-    names = {p.name: p for p in _subfolders(path)}
-    splits = {s: names[s] for s in ("train", *VAL_SPLITS, "test") if s in names}
-    if splits and "train" not in splits:
-        raise UserError(f"data.path {str(path)!r} has {', '.join(splits)} but no train/ folder")
-    classes = {s: _classes(folder) for s, folder in (splits or {"train": path}).items()}
-    train = classes["train"]
-    for split, found in classes.items():
-        if bool(found) != bool(train) or not set(found) <= set(train):
-            extra = sorted(set(found) - set(train)) or ["(images without class folders)"]
-            raise UserError(f"{path / split if splits else path}: class folder {extra[0]!r} is not a "
-                            f"train class; train classes: {', '.join(train) or 'none (unlabelled)'}")
-    return train
-
-
-def _classes(folder: Path) -> list[str]:
-    """Class-folder names of one split folder ([] when its images lie directly in it)."""
-    images, subs = _images_in(folder), _subfolders(folder)
-    if not images and not subs:
-        raise UserError(f"{folder} holds no images (accepted: .png, .jpg, .jpeg, .bmp, .tif, ...)")
-    if images and subs:
-        raise UserError(f"{folder} holds both images and sub-folders ({subs[0].name}/); accepted: "
-                        "class folders only, or images only (unlabelled)")
-    for sub in subs:
-        if not _images_in(sub):
-            raise UserError(f"class folder {str(sub)!r} holds no images")
-    return [p.name for p in subs]
-
-
-def unlabelled_error(where: str, kind: str, names: list | None, labelled: bool) -> UserError | None:
-    """Why own data at ``where`` cannot serve a fine-tune or an evaluation (no labels, or fewer
-    than 2 classes: ``names``), as the one-line error; None when it can."""
-    if not labelled:
-        why = ("no class folders (train/<class>/...), so no labels" if kind == "folder"
-               else "no label column (data.label_column), so no labels")
-        return UserError(f"{where} has {why}; a fine-tune or evaluation needs labelled images")
-    if len(names) < 2:
-        return UserError(f"{where} has {len(names)} class ({', '.join(names)}); a fine-tune or "
-                         "evaluation needs at least 2 classes")
-    return None
-
-
-def open_folder(path: str | Path, cache_dir: str | None = None) -> datasets.DatasetDict:
-    """The image folder at ``path`` through `datasets`' imagefolder builder (labels = the sorted
-    class folders; none when ``folder_layout`` finds no class folders)."""
-    classes = folder_layout(path)
-    try:
-        return datasets.load_dataset("imagefolder", data_dir=str(Path(path).expanduser()),
-                                     drop_labels=not classes, cache_dir=cache_dir)
-    except _ERRORS as err:
-        raise UserError(f"data.path {str(path)!r} cannot be read as an image folder: "
-                        f"{str(err).strip().split(chr(10))[0][:160]}") from None
-
-
-def open_hub(hub_id: str, cache_dir: str | None = None) -> datasets.DatasetDict:
-    """Every split of the hub dataset ``hub_id`` (offline handling as ``load_hub_split``)."""
-    return _hub_load(hub_id, hub_id, None, cache_dir)
-
-
-def own_spec(tables: datasets.DatasetDict, what: str, image_column: str | None = None,
-             label_column: str | None = None, splits: dict | None = None) -> DatasetSpec:
-    """A spec read from ``tables``' own splits and features; each argument given overrides.
-
-    Splits: ``train``, else the only split; val: validation/valid/val/dev if there; test: test if
-    there. Image column: the one ``Image`` feature. Label column: the one ``ClassLabel`` feature,
-    else an integer ``label`` column, else none (unlabelled). Class count: the ``ClassLabel``'s
-    names, else the largest train label + 1. ``small``: the first train image is at most 96 px.
-    """
-    roles = _own_splits(tables, what, dict(splits or {}))
-    table = tables[roles["train"]]
-    image = _own_column(table, what, image_column, datasets.Image, "image")
-    label = _own_column(table, what, label_column, datasets.ClassLabel, "label")
-    feature = table.features.get(label)
-    names = tuple(feature.names) if isinstance(feature, datasets.ClassLabel) else None
-    if label is None:
-        num_classes = 0
-    elif names is not None:
-        num_classes = len(names)
-    else:
-        values = _column(table, label)
-        if not np.issubdtype(values.dtype, np.integer):
-            raise UserError(f"{what} label column {label!r} holds {values.dtype} values; accepted: "
-                            "integer class indices or a ClassLabel column (data.label_column)")
-        num_classes = int(values.max()) + 1 if len(values) else 0
-    return DatasetSpec(what, num_classes, roles, image_key=image, label_key=label,
-                       small=_first_is_small(table, image), names=names)
-
-
-def _own_splits(tables: datasets.DatasetDict, what: str, given: dict) -> dict:
-    """Role → split name: ``given`` (None: found) checked against the splits that exist."""
-    found = {"train": "train" if "train" in tables else next(iter(tables)) if len(tables) == 1
-             else None,
-             "val": next((s for s in VAL_SPLITS if s in tables), None),
-             "test": "test" if "test" in tables else None}
-    roles = {r: given.get(r) or found[r] for r in ("train", "val", "test")}
-    for role, split in roles.items():
-        if split is not None and split not in tables:
-            raise unknown(f"split of {what} (data.splits.{role})", split, tables.keys())
-    if roles["train"] is None:
-        raise UserError(f"{what} has no split named train; set data.splits.train to one of "
-                        f"{', '.join(tables)}")
-    return {r: s for r, s in roles.items() if s is not None}
-
-
-def _own_column(table: datasets.Dataset, what: str, given: str | None, kind, fallback: str):
-    """The column ``given``, else the one feature of type ``kind``, else ``fallback`` if present
-    (None for a missing label column: unlabelled)."""
-    columns = table.column_names
-    option = "data.image_column" if kind is datasets.Image else "data.label_column"
-    if given is not None:
-        if given not in columns:
-            raise unknown(f"column of {what} ({option})", given, columns)
-        return given
-    typed = [c for c, f in table.features.items() if isinstance(f, kind)]
-    if len(typed) > 1:
-        raise UserError(f"{what} has several {kind.__name__} columns ({', '.join(typed)}); "
-                        f"set {option} to one of them")
-    column = typed[0] if typed else fallback if fallback in columns else None
-    if column is None and kind is datasets.Image:
-        raise UserError(f"{what} has no image column; set {option} to one of: {', '.join(columns)}")
-    return column
-
-
-def _first_is_small(table: datasets.Dataset, image: str) -> bool:
-    """Whether the first image is at most 96 px a side: such tight low-resolution images are
-    resized whole, as CIFAR's (``DatasetSpec.small``). An unreadable first image: not small."""
-    if not len(table):
-        return False
-    value = table.cast_column(image, datasets.Image(decode=False))[0][image] or {}
-    source = io.BytesIO(value["bytes"]) if value.get("bytes") else value.get("path")
-    try:
-        with PIL.Image.open(source) as im:
-            return max(im.size) <= 96
-    except Exception:  # noqa: BLE001 - the training path skips and counts it; here it only sizes
-        return False

@@ -13,37 +13,62 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distortkd.distortions import Distortion
-from distortkd.vit import Encoder, FrozenTeacher, ToTeacher
+from distortkd.losses import DistillLoss
+from distortkd.vit import Encoder, Features, FrozenTeacher, ToTeacher
 
 
-def distill_loss(
+def distill_step(
     student: Encoder,
     teacher: FrozenTeacher,
     distortion: Distortion,
-    loss_fn: Callable[..., dict[str, Tensor]],
+    loss: DistillLoss | Callable[..., dict[str, Tensor]],
     images: Tensor,
     seeds: Tensor | None = None,
-    with_attn: bool = True,
-    contrastive: bool = False,
     to_teacher: ToTeacher | None = None,
-) -> dict[str, Tensor]:
+    taps: str | None = None,
+) -> tuple[dict[str, Tensor], Features | Tensor, Features | Tensor, Tensor]:
     """Teacher on the clean crop, student on the same crop distorted, then the loss terms.
 
     Args:
         images: clean ``[B, C, H, W]`` in ``[0, 1]`` at the student's resolution, already on the
             device (the teacher resizes its copy to its own).
         seeds: ``[B]`` per-sample seeds (validation) or None (training: global generator).
-        with_attn: compute the attention taps (False when the attention weight is 0).
-        contrastive: ``loss_fn`` takes pooled embeddings (Contrastive Inversion), not ``Features``.
+        loss: a ``DistillLoss``, whose ``needs`` says what is computed (pooled embeddings, tokens,
+            or tokens and attention taps); a plain function of two ``Features`` gets them all.
         to_teacher: maps the student's features to the teacher's width and patch grid (a student
             smaller than its teacher); None or an identity one for the same architecture.
+        taps: compute these instead (``tokens`` or ``attention``, never less than the loss
+            reads): validation asks for what its diagnostics need, in the same pass.
+
+    Returns:
+        ``(terms, student_out, teacher_out, distorted)``: the loss's named terms, what the two
+        encoders produced (``Features``, the student's in the teacher's space; pooled ``[B, D]``
+        for an embeddings loss without ``taps``) and the distorted images.
     """
+    needs = getattr(loss, "needs", "attention")
     distorted = distortion(images, seeds)
-    if contrastive:
-        return loss_fn(student(distorted), teacher(images))
-    target = teacher.features(images, with_attn=with_attn)
-    feats = student.features(distorted, with_attn=with_attn)
-    return loss_fn(feats if to_teacher is None else to_teacher(feats), target)
+    if (taps or needs) == "embeddings":
+        s, t = student(distorted), teacher(images)
+        return loss(s, t), s, t, distorted
+    attn = (taps or needs) == "attention"
+    t = teacher.features(images, with_attn=attn)
+    s = student.features(distorted, with_attn=attn)
+    s = s if to_teacher is None else to_teacher(s)
+    terms = loss(s.cls, t.cls) if needs == "embeddings" else loss(s, t)
+    return terms, s, t, distorted
+
+
+def distill_loss(
+    student: Encoder,
+    teacher: FrozenTeacher,
+    distortion: Distortion,
+    loss: DistillLoss | Callable[..., dict[str, Tensor]],
+    images: Tensor,
+    seeds: Tensor | None = None,
+    to_teacher: ToTeacher | None = None,
+) -> dict[str, Tensor]:
+    """The loss terms of ``distill_step`` (training, the benchmarks)."""
+    return distill_step(student, teacher, distortion, loss, images, seeds, to_teacher)[0]
 
 
 def supervised_loss(

@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 
-from distortkd import bench
+from distortkd import bench, timing
 from distortkd.distortions import PRESETS, build
 from distortkd.losses import multilevel_loss
 from distortkd.steps import distill_loss
@@ -96,7 +96,6 @@ def test_distort_table_with_step(capsys, tmp_path):
 
 @pytest.mark.slow
 def test_data_table(capsys, tmp_path):
-    pytest.importorskip("distortkd.data", reason="distortkd/data.py is not written yet")
     argv = ["data", "--batch", "8", "--workers", "0,1", "--num-images", "100"]
     out, rows, data = run_cli(capsys, tmp_path, argv)
     check_report(out, rows, data, ["workers=0", "workers=1"])
@@ -107,7 +106,7 @@ def test_measure_interleaves_and_takes_median(monkeypatch):
     args = bench._parser().parse_args(["taps", "--iters", "4", "--warmup", "1"])
     b = bench._bench(args)
     calls, now = [], [0.0]  # a fake clock: each call takes exactly its seconds, whatever the load
-    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: now[0], process_time=lambda: now[0]))
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=lambda: now[0], process_time=lambda: now[0]))
 
     def fn(name, seconds):
         calls.append(name)
@@ -155,7 +154,7 @@ def test_compiled_distill_step_matches_eager():
             return distill_loss(student, teacher, distortion, multilevel_loss, x, seeds)["loss"]
 
         torch._dynamo.reset()
-        step = bench.train_step(b, [*student.parameters()], loss_of, compile=compile)
+        step = timing.train_step(b, [*student.parameters()], loss_of, compile=compile)
         runs[compile] = {k: v.item() for k, v in terms.items()}, [step(images).item() for _ in range(3)]
     (eager_terms, eager_steps), (terms, steps) = runs[False], runs[True]
     assert all(v > 0 for v in eager_terms.values()), eager_terms
@@ -235,7 +234,7 @@ def test_gpu_tiny_reports_every_section(capsys, tmp_path):
                                         ("NVIDIA RTX A6000", 154.8), ("Tesla T4", None),
                                         ("Intel(R) Xeon(R) Processor", None)])
 def test_peak_table_lookup(name, peak):
-    assert bench.peak_bf16_tflops(name) == peak
+    assert timing.peak_bf16_tflops(name) == peak
 
 
 def test_mfu_arithmetic():

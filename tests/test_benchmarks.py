@@ -22,9 +22,9 @@ from distortkd import benchmarks, build, cli
 from distortkd.benchmarks import ALEXNET_ERR, BENCHMARK_CORRUPTIONS, mce_vs_alexnet
 from distortkd.build import build_distortion
 from distortkd.checks import check_config
-from distortkd.data import first_k
 from distortkd.errors import UserError
 from distortkd.evaluation import load_finetuned
+from distortkd.splits import first_k
 
 N = 8  # test images per severity block
 LIMIT = 6  # data.limit_eval: the evaluation keeps the same first-K images per cell

@@ -12,11 +12,11 @@ import PIL.Image
 import pytest
 import torch
 
-from distortkd import cache, data, transforms
+from distortkd import cache, imagesets, transforms
 from distortkd.data import ImageDataModule
 from distortkd.errors import UserError
 
-WNIDS = (Path(data.__file__).parent / "imagenet100_classes.txt").read_text().split()[:4]
+WNIDS = (Path(cache.__file__).parent / "imagenet100_classes.txt").read_text().split()[:4]
 SIZES = [(300, 200), (180, 260), (240, 240), (320, 180), (200, 300)]  # (w, h)
 PER_CLASS = {"train": 10, "val": 3}
 SIZE, SIDE = 56, 64  # image_size and its default canvas, floor(56 / 0.875)
@@ -71,13 +71,13 @@ def all_rows(ds) -> dict:
 
 
 def count_decodes(monkeypatch) -> list:
-    calls, decode = [], data.HFImages._decode
+    calls, decode = [], imagesets.HFImages._decode
 
     def counted(self, value, position):
         calls.append(position)
         return decode(self, value, position)
 
-    monkeypatch.setattr(data.HFImages, "_decode", counted)
+    monkeypatch.setattr(imagesets.HFImages, "_decode", counted)
     return calls
 
 
@@ -190,7 +190,7 @@ def test_second_construction_reuses_the_cache(tree, tmp_path, monkeypatch):
     first = module(tree, tmp_path, cache="uint8")
     first.setup("fit")
     images = all_rows(first.dataset("train"))["image"]
-    monkeypatch.setattr(data.HFImages, "_decode", lambda *a: pytest.fail("decoded again"))
+    monkeypatch.setattr(imagesets.HFImages, "_decode", lambda *a: pytest.fail("decoded again"))
     again = module(tree, tmp_path, cache="uint8")
     again.prepare_data()
     again.setup("fit")
@@ -215,14 +215,14 @@ def test_sidecar_mismatch_and_half_written_cache_are_rebuilt(tree, tmp_path, mon
     # A build killed half-way: its .tmp stays, and the old sidecar is already gone.
     meta = json.loads((where / cache.SIDECAR).read_text())
     (where / cache.SIDECAR).write_text(json.dumps({**meta, "version": 0}))
-    decode = data.HFImages._decode
-    monkeypatch.setattr(data.HFImages, "_decode", lambda self, v, p: decode(self, v, p) if p < 20
+    decode = imagesets.HFImages._decode
+    monkeypatch.setattr(imagesets.HFImages, "_decode", lambda self, v, p: decode(self, v, p) if p < 20
                         else (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         module(tree, tmp_path, cache="uint8").dataset("train")
     assert not (where / cache.SIDECAR).exists()
     (where / f"{cache.IMAGES}.tmp").write_bytes(b"half")  # as if SIGKILLed: no clean-up ran
-    monkeypatch.setattr(data.HFImages, "_decode", decode)
+    monkeypatch.setattr(imagesets.HFImages, "_decode", decode)
     calls = count_decodes(monkeypatch)
     rebuilt = module(tree, tmp_path, cache="uint8")
     assert torch.equal(all_rows(rebuilt.dataset("train"))["image"], images) and len(calls) == 40
@@ -319,3 +319,17 @@ def test_trainer_steps_receive_float_images_of_image_size(tree, tmp_path, monkey
         assert image.dtype == torch.float32 and image.shape[1:] == (3, SIZE, SIZE)
         assert 0 <= image.min() and image.max() <= 1 and image.std() > 0.01
     assert [a[:3] for a in calls] == [(16, SIDE, SIDE)]  # training crops for the train batch only
+
+
+def test_loops_outside_lightning_read_float_batches_equal_to_the_pil_path(tree, tmp_path):
+    """``device_batches``: what evaluation, k-NN banks and figures iterate; canvases arrive as the
+    same ``[0, 1]`` eval crops as the PIL path, index and labels aligned."""
+    pil, ours = module(tree, tmp_path), module(tree, tmp_path, cache="uint8")
+    pil_batches = list(pil.device_batches(pil.val_dataloader(), "cpu"))
+    our_batches = list(ours.device_batches(ours.val_dataloader(), torch.device("cpu")))
+    assert len(our_batches) == len(pil_batches) >= 1
+    for got, want in zip(our_batches, pil_batches, strict=True):
+        assert got["image"].dtype == torch.float32 and got["image"].shape[-2:] == (SIZE, SIZE)
+        assert 0 <= got["image"].min() and got["image"].max() <= 1
+        assert torch.equal(got["index"], want["index"]) and torch.equal(got["label"], want["label"])
+        assert (got["image"] - want["image"]).abs().max() < 1e-5

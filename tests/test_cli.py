@@ -132,16 +132,16 @@ def test_teacher_frozen_and_student_moves(tmp_path):
     cfg = _compose("distill", TINY, tmp_path)
     student, teacher = build.build_model(cfg.model), build.build_model(cfg.model)
     teacher.load_state_dict(student.state_dict())
-    loss_fn, contrastive, with_attn = build.build_loss(cfg.loss)
+    loss_fn = build.build_loss(cfg.loss)
     module = DistillModule(student, teacher, build.build_distortion(cfg.distortion), loss_fn,
-                           optimizer=instantiate(cfg.optim.optimizer), with_attn=with_attn)
+                           optimizer=instantiate(cfg.optim.optimizer))
     before_t, before_s = _state(module.teacher), _state(module.student)
     opt = torch.optim.AdamW(module.student.parameters(), lr=1e-3)
     module.train()
     from distortkd.steps import distill_loss
 
     loss = distill_loss(module.student, module.teacher, module.distortion, loss_fn,
-                        torch.rand(4, 3, 32, 32), None, with_attn)["loss"]
+                        torch.rand(4, 3, 32, 32), None)["loss"]
     loss.backward()
     opt.step()
     assert not module.teacher.training

@@ -19,13 +19,15 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from distortkd import cli, data, sources
-from distortkd.data import DATASETS, ImageDataModule, resized_crop
+from distortkd import cli, imagesets, sources, transforms
+from distortkd.data import ImageDataModule
 from distortkd.errors import UserError
+from distortkd.sources import DATASETS
+from distortkd.transforms import resized_crop
 
 CONF = Path(cli.CONF) / "data"
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
-CMC = (Path(data.__file__).parent / "imagenet100_classes.txt").read_text().split()
+CMC = (Path(sources.__file__).parent / "imagenet100_classes.txt").read_text().split()
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer",
                  "dog", "frog", "horse", "ship", "truck"]
 KW = {"num_workers": 0, "pin_memory": False}
@@ -125,7 +127,7 @@ def test_every_config_loads_a_local_copy(name, copies, tmp_path):
         index = torch.cat([b["index"] for b in batches])
         assert len(index) == len(loader.dataset) == len(set(index.tolist()))  # every row once
     if name == "fashion_mnist":
-        assert isinstance(dm.dataset("train"), data.TensorImages)  # held in memory by default
+        assert isinstance(dm.dataset("train"), imagesets.TensorImages)  # held in memory by default
 
 
 @pytest.mark.parametrize("in_memory", [False, True])
@@ -134,7 +136,7 @@ def test_labels_and_index_point_at_the_same_row(copies, tmp_path, in_memory):
                      in_memory=in_memory)
     raw = datasets.load_dataset(str(copies["stl10"]), cache_dir=str(tmp_path / "c2"))["train"]
     batch = next(iter(dm.train_dataloader()))
-    assert isinstance(dm.dataset("train"), data.TensorImages if in_memory else data.HFImages)
+    assert isinstance(dm.dataset("train"), imagesets.TensorImages if in_memory else imagesets.HFImages)
     for image, label, i in zip(batch["image"], batch["label"], batch["index"], strict=True):
         assert label == raw[int(i)]["label"]
         expected = torch.from_numpy(np.array(raw[int(i)]["image"])).permute(2, 0, 1) / 255
@@ -166,7 +168,7 @@ def test_subset_fraction_and_limits_compose_on_original_indices():
     dm = ImageDataModule("fashion_mnist", train_subset=[20000, 60000], label_fraction=0.1, seed=3,
                          **kw)
     train = dm.dataset("train")
-    labels = data.read_idx(FMNIST / "train-labels-idx1-ubyte.gz")
+    labels = sources.read_idx(FMNIST / "train-labels-idx1-ubyte.gz")
     counts = np.bincount(labels[20000:], minlength=10)
     assert train.index.min() >= 20000 and np.array_equal(
         np.bincount(labels[train.index.numpy()], minlength=10), np.floor(counts * 0.1 + 0.5))
@@ -182,7 +184,7 @@ def test_subset_fraction_and_limits_compose_on_original_indices():
 
 def test_val_fraction_is_carved_from_train_stratified_disjoint_and_seeded():
     kw = dict(image_size=28, in_chans=1, train_subset=[20000, 60000], val_fraction=0.05, **KW)
-    labels = data.read_idx(FMNIST / "train-labels-idx1-ubyte.gz")
+    labels = sources.read_idx(FMNIST / "train-labels-idx1-ubyte.gz")
 
     def rows(seed, **extra):
         dm = ImageDataModule("fashion_mnist", seed=seed, **kw, **extra)
@@ -481,14 +483,14 @@ def test_batched_resized_crop_matches_pil_bilinear():
 
 
 def test_batch_transform_boxes_and_eval_center_crop():
-    boxes = data.rrc_boxes(2000, 28, 36, (0.25, 1.0))
+    boxes = transforms.rrc_boxes(2000, 28, 36, (0.25, 1.0))
     x0, y0, w, h = boxes.T
     assert (x0 >= 0).all() and (y0 >= 0).all() and (x0 + w <= 36).all() and (y0 + h <= 28).all()
     area = w * h / (28 * 36)
     assert area.min() > 0.2 and area.max() <= 1 and area.std() > 0.1  # scale range, px-rounded
     image = torch.zeros(1, 1, 8, 8, dtype=torch.uint8)
     image[..., 2:6, 2:6] = 255  # a bright centre half: what crop_pct 0.5 keeps
-    crop = data.BatchTransform(4, 0.5, small=False, train=False, rrc_scale=(0.08, 1.0), in_chans=3)
+    crop = transforms.BatchTransform(4, 0.5, small=False, train=False, rrc_scale=(0.08, 1.0), in_chans=3)
     assert torch.equal(crop(image), torch.ones(1, 3, 4, 4))
-    whole = data.BatchTransform(4, 0.5, small=True, train=False, rrc_scale=(0.08, 1.0), in_chans=1)
+    whole = transforms.BatchTransform(4, 0.5, small=True, train=False, rrc_scale=(0.08, 1.0), in_chans=1)
     assert whole(image).min() < 0.5  # small datasets keep the border

@@ -101,7 +101,7 @@ def test_knn_bank_is_deterministic_and_independent_of_augment():
     assert feats.shape == (200, 32) and len(index) == 200
     assert torch.equal(feats, again) and torch.equal(labels, again_labels)
     assert torch.equal(feats, plain) and torch.equal(labels, plain_labels)
-    from distortkd.data import read_idx
+    from distortkd.sources import read_idx
 
     train_labels = read_idx(Path("/usr/share/datasets/fashion-mnist/train-labels-idx1-ubyte.gz"))
     assert labels.tolist() == train_labels[index.numpy()].tolist()  # every train row, in order

@@ -17,9 +17,7 @@ CORE = ("vit", "losses", "distortions", "draws", "blur", "mixed", "chains", "cor
         "imagenetc_extra", "cvops", "diagnostics", "steps", "checkpoints", "images", "errors")
 FRAMEWORKS = ("lightning", "pytorch_lightning", "hydra", "omegaconf", "wandb")
 # Cycles that existed before this test and are still to be broken (issue 14); a new one fails.
-KNOWN_CYCLES = {("cache", "data"), ("bench", "cache", "data"),
-                # ``distortkd-bench gpu`` dispatches lazily to bench_gpu, which reuses bench's timers
-                ("bench", "bench_gpu"), ("bench", "bench_gpu", "cache", "data")}
+KNOWN_CYCLES: set[tuple[str, ...]] = set()  # none left: keep it that way
 
 
 def _imports(module: str) -> set[str]:
@@ -68,3 +66,12 @@ def test_no_new_import_cycle():
     for module in graph:
         walk(module, module, [module])
     assert cycles <= KNOWN_CYCLES, f"new import cycles: {sorted(cycles - KNOWN_CYCLES)}"
+
+
+def test_uint8_canvases_become_images_only_inside_the_datamodule():
+    """Batches are ``[0, 1]`` images outside ``data``: loops read ``device_batches``; only the
+    data-path benchmarks call the crop itself (they time it)."""
+    timing = {"data", "bench_data", "bench_gpu"}
+    callers = sorted(p.stem for p in PACKAGE.glob("*.py")
+                     if p.stem not in timing and ".to_images(" in p.read_text())
+    assert not callers, f"{callers} convert uint8 canvases by hand; use ImageDataModule.device_batches"

@@ -166,3 +166,79 @@ def test_symmetric_decreases_under_sgd(tiny_vit):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] * 0.9
+
+
+# --- a loss says what it reads; training and validation run the same step -------------------------
+
+def _spy_encoders(tiny_vit):
+    """A student and a frozen teacher whose ``features`` calls and plain forwards are recorded."""
+    import copy
+
+    calls = []
+    student, teacher_enc = tiny_vit, copy.deepcopy(tiny_vit)
+    for who, enc in (("student", student), ("teacher", teacher_enc)):
+        features, forward = enc.features, enc.forward
+        enc.features = lambda x, with_attn=True, who=who, f=features: (
+            calls.append((who, "features", with_attn)) or f(x, with_attn))
+        enc.forward = lambda x, who=who, f=forward: calls.append((who, "forward", None)) or f(x)
+    return student, FrozenTeacher(teacher_enc), calls
+
+
+@pytest.mark.parametrize("name, params, needs", [
+    ("multilevel", {"alpha": 1.0, "beta": 1.0, "gamma": 10.0, "tau": 2.0}, "attention"),
+    ("multilevel", {"alpha": 1.0, "beta": 1.0, "gamma": 0.0, "tau": 2.0}, "tokens"),
+    ("multilevel", {"alpha": 1.0}, "attention"),  # γ defaults to 1, as in multilevel_loss
+    ("contrastive", {"tau": 0.1, "variant": "symmetric"}, "embeddings"),
+])
+def test_the_step_computes_what_the_loss_reads(tiny_vit, name, params, needs):
+    from distortkd.distortions import build
+    from distortkd.losses import make_loss
+    from distortkd.steps import distill_loss
+
+    loss = make_loss(name, **params)
+    assert loss.needs == needs
+    student, teacher, calls = _spy_encoders(tiny_vit)
+    out = distill_loss(student, teacher, build("noise_strong"), loss, torch.rand(4, 3, 32, 32))
+    assert torch.isfinite(out["loss"]) and out["loss"] > 0
+    if needs == "embeddings":
+        assert {c[1] for c in calls} == {"forward"}  # pooled embeddings only, no token taps
+    else:
+        assert sorted(calls) == [("student", "features", needs == "attention"),
+                                 ("teacher", "features", needs == "attention")]
+
+
+def test_unknown_loss_names_the_accepted_ones():
+    from distortkd.losses import make_loss
+
+    with pytest.raises(UserError, match="unknown loss function 'multilevl'; accepted: contrastive, multilevel"):
+        make_loss("multilevl")
+
+
+@pytest.mark.parametrize("name", ["multilevel", "contrastive"])
+def test_validation_runs_the_training_step_then_the_diagnostics(tiny_vit, monkeypatch, name):
+    """``val/loss`` is the training step's loss on the same images and seeds; the diagnostics
+    read the features of that same call (attention taps included)."""
+    import copy
+
+    from distortkd import modules
+    from distortkd.distortions import build, sample_seeds
+    from distortkd.losses import make_loss
+    from distortkd.steps import distill_loss
+
+    params = {"gamma": 0.0} if name == "multilevel" else {"tau": 0.1}
+    module = modules.DistillModule(tiny_vit, copy.deepcopy(tiny_vit), build("noise_strong"),
+                                   make_loss(name, **params), optimizer=torch.optim.SGD)
+    steps, real = [], modules.distill_step
+    monkeypatch.setattr(modules, "distill_step", lambda *a, **k: steps.append(k) or real(*a, **k))
+    logged = {}
+    monkeypatch.setattr(module, "log", lambda key, value, **_: logged.__setitem__(key, value))
+    monkeypatch.setattr(module, "log_dict", lambda d, **_: logged.update(d))
+    batch = {"image": torch.rand(4, 3, 32, 32), "index": torch.arange(4)}
+    module.eval()
+    module.validation_step(batch, 0)
+    assert steps == [{"taps": "attention"}]  # one step; the diagnostics' taps in the same pass
+    seeds = sample_seeds(batch["index"], module.eval_seed)
+    expected = distill_loss(module.student, module.teacher, module.distortion, module.loss,
+                            batch["image"], seeds, module.to_teacher)["loss"]
+    torch.testing.assert_close(logged["val/loss"], expected)
+    assert "val/attn_kl" in logged and module.meters["student"]._n == 4

@@ -359,9 +359,8 @@ def _first_step(world: int) -> tuple[float, dict, dict]:
     torch.manual_seed(0)
     student, teacher = build.build_model(cfg.model), build.build_model(cfg.model)
     teacher.load_state_dict(student.state_dict())
-    loss_fn, _, with_attn = build.build_loss(cfg.loss)
-    module = DistillModule(student, teacher, build.build_distortion(cfg.distortion), loss_fn,
-                           optimizer=instantiate(cfg.optim.optimizer), with_attn=with_attn)
+    module = DistillModule(student, teacher, build.build_distortion(cfg.distortion),
+                           build.build_loss(cfg.loss), optimizer=instantiate(cfg.optim.optimizer))
     images = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     data = [{"image": images[i], "index": torch.tensor(i)} for i in range(16)]
     probe = _FirstStep()

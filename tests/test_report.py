@@ -377,3 +377,26 @@ def test_two_backbones_of_our_method_get_two_tables(tmp_path, capsys):
     _, cells = parse_table(section(out.out, "Table 1: in-domain accuracy (%) (vit_b)"))
     assert cells == {"mask_strong": {"Ours": "70.0"}}
     assert (tmp_path / "out" / "tables" / "table1_vit_s.tex").is_file()
+
+
+@pytest.mark.parametrize("data", ["fashion_mnist", "cifar10"])
+def test_tables_1_and_3_build_from_whatever_dataset_their_runs_used(tmp_path, capsys, data):
+    """``make table3 ARGS="model=vit_tiny_test data=fashion_mnist ..."``'s runs: tables 1 and 3
+    are built from them (not ImageNet-100 only), headed by their dataset."""
+    for dist in ("mask_strong", "noise_strong", "blur_strong"):  # the table3 sweep, + baseline
+        write_run(tmp_path, f"sup/{dist}", {"test/acc1": acc("supervised", dist, 0, data)},
+                  method="supervised", distortion=dist, data=data, experiment="table3",
+                  model="vit_tiny_patch16_224")
+        for loss in ("global", "global_local", "global_attn", "multilevel"):
+            write_run(tmp_path, f"t3/{dist}/{loss}", {"test/acc1": acc("ours", dist, 0, data, loss)},
+                      distortion=dist, loss=loss, data=data, experiment="table3",
+                      model="vit_tiny_patch16_224")
+    code, out = run_report(capsys, tmp_path, "--out", tmp_path / "out", "--only", "table1,table3")
+    assert code == 0 and "skipped" not in out.out
+    _, cells = parse_table(section(out.out, "Table 1"))
+    assert list(cells) == ["mask_strong", "noise_strong", "blur_strong"]
+    assert cells["noise_strong"]["Supervised"] == f"{100 * acc('supervised', 'noise_strong', 0, data):.1f}"
+    assert cells["blur_strong"]["Ours"] == f"{100 * acc('ours', 'blur_strong', 0, data):.1f}"  # multilevel
+    header, cells = parse_table(section(out.out, "Table 3"))
+    assert header == ["Loss", "Random Mask", "Gaussian Noise", "Gaussian Blur"]
+    assert cells["Gl. Attention"]["Random Mask"] == f"{100 * acc('ours', 'mask_strong', 0, data, 'global_attn'):.1f}"
