@@ -221,7 +221,8 @@ def test_validation_runs_the_training_step_then_the_diagnostics(tiny_vit, monkey
     import copy
 
     from distortkd import modules
-    from distortkd.distortions import build, sample_seeds
+    from distortkd.distortions import build
+    from distortkd.draws import sample_seeds
     from distortkd.losses import make_loss
     from distortkd.steps import distill_loss
 
