@@ -62,6 +62,19 @@ def _get(cfg: object, dotted: str) -> object:
     return cfg if cfg is None or isinstance(cfg, str | int | float | bool) else str(cfg)
 
 
+def _flatten(cfg: object, prefix: str = "") -> dict:
+    """Every leaf of a run's config as a dotted column (lists as JSON text, so that a table can
+    group on them): a table may filter or pivot on any setting a run recorded, not only on
+    ``CONFIG_FIELDS`` (the columns every frame has, with their defaults for old runs)."""
+    if isinstance(cfg, dict):
+        out = {}
+        for key, value in cfg.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    value = cfg if cfg is None or isinstance(cfg, str | int | float | bool) else json.dumps(cfg, default=str)
+    return {prefix[:-1]: value} if prefix else {}
+
+
 def _status(run: Path) -> tuple[str, dict, str | None]:
     """(status, metrics, error) of a run folder, from its metrics.json."""
     metrics, why = rundir.read_metrics(run)
@@ -118,6 +131,7 @@ def _load_run(run: Path) -> tuple[dict, list[dict]]:
         cfg, status = {}, "failed"
         error = f"config.yaml missing/unreadable ({why})" + (f"; {error}" if error else "")
     rec = {key: _get(cfg, key) for key in CONFIG_FIELDS}
+    rec.update({k: v for k, v in _flatten(cfg).items() if k not in rec})
     if rec["distortion.family"] is None and isinstance(rec["distortion.name"], str):
         rec["distortion.family"] = _family_of(rec["distortion.name"])
     if rec["loss.name"] is None and rec["method"] == "ours":
@@ -154,7 +168,8 @@ def scan(dirs: Iterable[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def load_runs(dirs: Iterable[str | Path]) -> pd.DataFrame:
     """One row per run folder: ``CONFIG_FIELDS`` as dotted columns (missing → None; ``loss.name``
-    defaults to multilevel for ours, ``finetune.mode`` to full), ``suite``, ``status`` (ok,
+    defaults to multilevel for ours, ``finetune.mode`` to full), every other leaf of the run's
+    config as a dotted column too (``optim.optimizer.lr``, ``teacher.name``, ...), ``suite``, ``status`` (ok,
     failed, stopped, missing), ``error``, ``path``, ``setting``, ``bad`` and every scalar metric
     (``test/acc1``, ...; non-finite → NaN)."""
     return scan(dirs)[0]

@@ -113,6 +113,20 @@ def test_load_runs_flattens_config_defaults_and_status(grid):
     assert failed["error"] == "CUDA OOM" and failed["distortion.name"] == "noise_weak"
 
 
+def test_every_setting_of_a_run_config_is_a_column(tmp_path):
+    """The report reads whole configs: settings outside CONFIG_FIELDS (the optimizer, the teacher,
+    a chain's steps) are columns a table can filter or pivot on, lists as JSON text."""
+    steps = [{"family": "gaussian_blur", "params": {"sigma": 1.5}}]
+    for lr in (1e-4, 3e-4):
+        write_run(tmp_path, f"lr{lr}", {"test/acc1": 0.5}, params={"steps": steps},
+                  extra={"optim": {"name": "ci", "optimizer": {"lr": lr}}, "teacher": {"name": "vitb16"}})
+    runs = load_runs([tmp_path])
+    assert sorted(runs["optim.optimizer.lr"]) == [1e-4, 3e-4]
+    assert runs["optim.name"].eq("ci").all() and runs["teacher.name"].eq("vitb16").all()
+    assert json.loads(runs["distortion.params.steps"].iloc[0]) == steps
+    assert runs.groupby("optim.optimizer.lr")["test/acc1"].count().tolist() == [1, 1]
+
+
 def test_hydra_subfolder_is_not_a_run(tmp_path):
     run = write_run(tmp_path, "r", {"test/acc1": 0.5})
     (run / ".hydra").mkdir()
