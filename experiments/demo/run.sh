@@ -66,6 +66,9 @@ both lane_a lane_b
 
 step "4/5 evaluation on the 10k test images (training severity and beyond), then the held-out
      ImageNet-C style corruptions for the noise-trained models: A the distilled, B the supervised"
+# The held-out suite is every registered ImageNet-C corruption that applies to grey 28-px images:
+# saturate is left out (it changes colour saturation; a grey image has none), and frost unless
+# DISTORTKD_FROST_DIR holds the benchmark's frost photographs (the demo ships none).
 eval_lane() {  # FAST=1 scores the held-out suite with the distilled model only
   timed "evaluation ($1)" $BIN/distortkd-evaluate -m experiment=demo_evaluate seed="$seeds" method="$1" \
     "${fast[@]}" "${evaluate[@]}" &&
