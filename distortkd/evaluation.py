@@ -61,15 +61,21 @@ def load_finetuned(cfg: DictConfig, build_model, num_classes: int, path: Path) -
 
 
 @torch.no_grad()
-def diagnose(encoder: Encoder, teacher: FrozenTeacher, datamodule, dist, seed: int, max_batches: int, device):
-    """Diagnostics of ``encoder`` (and of the teacher itself) on distorted vs teacher on clean."""
+def diagnose(encoder: Encoder, teacher: FrozenTeacher, datamodule, dist, seed: int, max_batches: int, device,
+             clean_cache: dict | None = None):
+    """Diagnostics of ``encoder`` (and of the teacher itself) on distorted vs teacher on clean.
+
+    ``clean_cache`` (batch number → teacher features on the clean batch) is shared by the cells of
+    one grid: the test loader is unshuffled, so every cell's batch i is the same clean images.
+    """
     ours, base = RepresentationMeter(), RepresentationMeter()
+    clean_cache = {} if clean_cache is None else clean_cache
     for i, batch in enumerate(datamodule.device_batches(datamodule.test_dataloader(), device)):
         if i >= max_batches:
             break
         x = batch["image"]
         xd = dist(x, sample_seeds(batch["index"], seed))
-        clean = teacher.features(x)
+        clean = clean_cache[i] if i in clean_cache else clean_cache.setdefault(i, teacher.features(x))
         ours.update(encoder.features(xd), clean)
         base.update(teacher.features(xd), clean)
     return {**ours.compute(), **{f"teacher_{k}": v for k, v in base.compute().items()}}
@@ -103,7 +109,7 @@ def evaluate_grid(cfg: DictConfig, run_dir: Path, build_model, checkpoint: Path)
     wanted = cfg.diagnostics.teacher and (stored is None or cfg.attention.num_images)
     teacher = (FrozenTeacher(build_model(cfg.model, trust=cfg.get("trust_checkpoint", False))).to(device)
                if wanted else None)
-    rows, metrics = [], {}
+    rows, metrics, clean_cache = [], {}, {}
     for name, severity, dist in grid_cells(cfg):
         module.distortion, module.test_prefix = dist, f"test/{name}/{severity:g}"
         if stored is None:
@@ -115,7 +121,7 @@ def evaluate_grid(cfg: DictConfig, run_dir: Path, build_model, checkpoint: Path)
         if teacher is not None and module.encoder.is_vit and stored is None:
             module.to(device)
             row.update(diagnose(module.encoder, teacher, datamodule, dist, cfg.seed,
-                                cfg.diagnostics.max_batches, device))
+                                cfg.diagnostics.max_batches, device, clean_cache))
         rows.append(row)
         metrics[f"{module.test_prefix}/acc1"] = acc
         print(f"{name:>18s} {severity:>6g}  acc1={acc:.4f}", flush=True)
