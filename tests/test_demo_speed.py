@@ -48,8 +48,8 @@ class _Counting(FrozenTeacher):
 
 
 class _Batches:
-    """The two attributes of a datamodule ``diagnose`` reads: an unshuffled test loader and
-    ``to_images``."""
+    """What ``diagnose`` reads of a datamodule: an unshuffled test loader, through
+    ``device_batches``."""
 
     def __init__(self, images):
         self.images = images
@@ -57,8 +57,8 @@ class _Batches:
     def test_dataloader(self):
         return [{"image": self.images[i:i + 4], "index": torch.arange(i, i + 4)} for i in (0, 4)]
 
-    def to_images(self, batch):
-        return batch
+    def device_batches(self, loader, device):
+        yield from loader
 
 
 def test_grid_cells_share_the_teachers_clean_features_and_get_the_same_diagnostics():
