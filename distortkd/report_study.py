@@ -417,6 +417,9 @@ def severity_figure(rows: pd.DataFrame, keys: list[tuple], path: Path) -> Path |
                    - b[b["distortion"].eq(fam)].groupby("severity")["acc1"].mean()).dropna()
             if len(gap):
                 ax.plot(gap.index, gap.to_numpy() * 100, marker="o", ms=3, label=label(key))
+        tops = [trained_max(_distortion(p)).get(fam) for p in _students(tuned)["path"].unique()]
+        if tops := [t for t in tops if t is not None]:  # right of it: beyond every recipe's training
+            ax.axvline(max(tops), color="grey", ls=":", lw=1)
         ax.axhline(0, color="black", lw=0.8)
         ax.set(title=fam, xlabel="severity", ylabel="student − baseline (pts)")
     axes[-1].legend(fontsize=6, loc="best")
