@@ -122,8 +122,16 @@ def trained_max(dist: dict) -> dict[str, float]:
     return {}
 
 
+def left_out(root: Path) -> list[str]:
+    """One line per run folder that gives the study no value (failed, stopped, unfinished)."""
+    runs, _ = scan([root])
+    bad = runs[runs["status"].ne("ok")]
+    return [f"- `{r.path}`: {r.status}" + (f", {r.error}" if isinstance(r.error, str) else "")
+            for r in bad.itertuples()]
+
+
 def load(root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Finished full fine-tunes (one per run) and the study's evaluate rows, with ``seed`` ints."""
+    """Finished full fine-tunes (one per run) and the study's evaluate rows."""
     runs, rows = scan([root])
     ok = runs[runs["status"].eq("ok")]
     tuned = ok[ok["task"].eq("finetune") & ok["finetune.mode"].eq("full")].copy()
@@ -498,6 +506,8 @@ def build(opts) -> str:
              *recipe_table(st), *recovery_table(st), *corruption_table(rows, st.keys, "cos_cls"),
              *corruption_table(rows, st.keys, "cka_cls"), *budget_section(tuned),
              "## Figures", "", *(f"![{p.stem}]({p.name})" for p in made if p is not None), ""]
+    if bad := left_out(root):
+        lines += ["## Left out", "", "Run folders without a finished result; no table uses them.", "", *bad, ""]
     text = "\n".join(lines)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(text)

@@ -190,3 +190,13 @@ def test_fast_study_end_to_end(tmp_path):
                  "[global]", "[global_local]", "[global_attn]"):
         assert name in text, name
     assert (out / "steps.png").stat().st_size > 0 and "Seeds [0, 1]" in text
+
+
+def test_unfinished_runs_are_listed_not_used(tmp_path):
+    study_root = make_study(tmp_path / "runs", 0.05)
+    broken = study_root / "finetune" / "ours_noise_strong_s0"
+    (broken / "metrics.json").write_text(json.dumps({"status": "failed", "error": "diverged"}))
+    text = _report(study_root, tmp_path / "out")
+    assert f"`{broken.resolve()}`: failed, diverged" in text
+    row = next(r for r in text.splitlines() if r.startswith("| fixed: noise_strong |"))
+    assert "(n = 2," in row.split(" | ")[1]  # the failed seed is not paired
