@@ -323,7 +323,9 @@ def verdicts(st: Study, n_seeds: int) -> list[str]:
         "## Verdicts", "",
         f"Paired on seeds ({n_seeds}): a two-sided paired t-test at {ALPHA} with {n_seeds} pairs detects, "
         f"with 80 % power, only a mean difference of at least {d:.1f}x the std of the differences; "
-        "\"no significant difference\" is therefore weak evidence of no effect.", "",
+        "\"no significant difference\" is therefore weak evidence of no effect. The held-out error is also "
+        "paired on (seed x corruption), which treats the corruptions as independent draws of \"a corruption "
+        "never seen\"; they share one model per seed, so those p-values are optimistic.", "",
         "1. **At the training distortion** (test accuracy, student vs supervised baseline): "
         + _recipe_lines(st.training, "better", "worse"),
         "2. **Beyond the training severity** (mean accuracy over the severities above the highest "
