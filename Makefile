@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install fashion-mnist test test-fast lint demo bench bench-gpu table1 table2 table3 fig2 fig3 fig4 clean
+.PHONY: install fashion-mnist test test-fast lint demo study bench bench-gpu table1 table2 table3 fig2 fig3 fig4 clean
 
 install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
@@ -37,6 +37,12 @@ SEEDS ?= 1
 FAST ?= 0
 demo: install fashion-mnist
 	SEEDS=$(SEEDS) FAST=$(FAST) bash experiments/demo/run.sh
+
+# Beyond the paper: does the student recover clean representations or compensate for its one
+# distortion? Every recipe x STUDY_SEEDS seeds from the demo's teacher -> experiments/study/results.md.
+STUDY_SEEDS ?= 3
+study: install fashion-mnist
+	SEEDS=$(STUDY_SEEDS) FAST=$(FAST) bash experiments/study/run.sh
 
 # ---------------------------------------------------------------------------------------------
 # The paper's experiments. Each runs its sweep(s) through Hydra multirun, then distortkd-report.
@@ -115,4 +121,4 @@ bench-gpu: install
 	$(BIN)/distortkd-bench gpu --out $(BENCH_OUT)
 
 clean:
-	rm -rf $(VENV) runs results experiments/demo/runs
+	rm -rf $(VENV) runs results experiments/demo/runs experiments/study/runs experiments/study/fast

@@ -151,7 +151,8 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="distortkd-report", description=__doc__.splitlines()[0])
     p.add_argument("dirs", nargs="+", type=Path, help="folders searched for run folders")
     p.add_argument("--out", type=Path, default=Path("report"), help="output folder (./report)")
-    p.add_argument("--layout", choices=sorted(LAYOUTS), default="paper")
+    p.add_argument("--layout", choices=sorted([*LAYOUTS, "study"]), default="paper",
+                   help="study: the verdicts of `make study` (distortkd.report_study)")
     p.add_argument("--only", help=f"comma-separated: {', '.join([*TABLES, *FIGURES, *ALIASES])}")
     p.add_argument("--metric", help="a metric the runs hold (default test/acc1, falling back "
                    "to val/acc1)")
@@ -168,7 +169,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if opts.wandb is not None:
             wandb_utils.check_project(opts.wandb)
-        text, tables, figures = make(opts)
+        if opts.layout == "study":  # its own document: verdicts from paired tests, not paper tables
+            from distortkd import report_study
+
+            text, tables, figures = report_study.build(opts), [], []
+        else:
+            text, tables, figures = make(opts)
         if opts.wandb is not None:
             wandb_utils.push_report(opts.wandb, opts.out, opts.dirs, tables, figures, group=opts.experiment)
     except UserError as err:
