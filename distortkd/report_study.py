@@ -27,15 +27,12 @@ from scipy import optimize, stats
 
 from distortkd import rundir
 from distortkd.curves import _curve
-from distortkd.distortions import SEVERITY_PARAM
 from distortkd.errors import UserError
 from distortkd.figures import _panels, _save
 from distortkd.runs import scan
 
 ALPHA = 0.05
 MAIN_LOSS = "multilevel"
-# The field of ``Mixed`` that holds each family's severity range (distortions.Mixed).
-MIXED_PARAM = {"mask": "mask_ratio", "gaussian_noise": "noise_sigma", "gaussian_blur": "blur_sigma"}
 # Recipe kinds by the name prefix of the study's distortion files (distortkd/conf/distortion/study_*).
 KINDS = (("study_range_", "range"), ("study_lofo_", "leave one out"), ("study_mixed", "mixed"))
 RECIPE = ["pretrain.distortion", "distortion.name", "loss.name"]
@@ -113,12 +110,18 @@ def _distortion(path: str) -> dict:
 
 def trained_max(dist: dict) -> dict[str, float]:
     """Family → the highest severity a distortion config trains on (families it never shows absent)."""
+    from distortkd.distortions import families  # the records (imported here: they import torch)
+
+    records = families()
     top = lambda v: float(max(v)) if isinstance(v, list | tuple) else float(v)  # noqa: E731
     params = dist.get("params") or {}
-    if dist["family"] == "mixed":
-        return {f: top(params[MIXED_PARAM[f]]) for f in params["families"] if f in MIXED_PARAM}
-    if dist["family"] in SEVERITY_PARAM:
-        return {dist["family"]: top(params[SEVERITY_PARAM[dist["family"]]])}
+    if dist["family"] == "mixed":  # Mixed holds each family's range as ``<prefix>_<param>``
+        fields = {f: f"{records[f].prefix}_{records[f].param}" for f in params["families"]
+                  if f in records and records[f].param}
+        return {f: top(params[field]) for f, field in fields.items() if field in params}
+    record = records.get(dist["family"])
+    if record is not None and record.param and record.param in params:
+        return {dist["family"]: top(params[record.param])}
     return {}
 
 

@@ -39,6 +39,7 @@ from distortkd import CONF, distortions, rundir
 from distortkd.build import build_model
 from distortkd.corruptions import heldout_suite
 from distortkd.diagnostics import representation_report
+from distortkd.draws import sample_seeds
 from distortkd.errors import UserError
 from distortkd.evaluation import load_finetuned
 from distortkd.modules import load_encoder_weights, run_checkpoint
@@ -79,7 +80,7 @@ def test_images(cfg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     dm = instantiate(cfg.data)
     dm.prepare_data()
     dm.setup("test")
-    parts = [(dm.to_images(b)["image"], b["label"], b["index"]) for b in dm.test_dataloader()]
+    parts = [(b["image"], b["label"], b["index"]) for b in dm.device_batches(dm.test_dataloader(), "cpu")]
     x, y, index = (torch.cat(p) for p in zip(*parts, strict=True))
     return x, y, index, dm.num_classes
 
@@ -144,7 +145,7 @@ def evaluate(root: Path, images: int) -> list[Path]:
     teacher = FrozenTeacher(build_model(cfg.model)).eval()
     models = {run: _load(run, num_classes) for run, _ in todo}
     rows = {run: [] for run, _ in todo}
-    seeds = distortions.sample_seeds(index, int(cfg.seed))  # one draw per image, for every model
+    seeds = sample_seeds(index, int(cfg.seed))  # one draw per image, for every model
     clean = teacher.features(x)
     for grid, name, severity, dist in cells(cfg):
         distorted = dist(x, seeds)
