@@ -23,11 +23,15 @@ fashion-mnist:
 	@test -f $(FMNIST)/train-images-idx3-ubyte.gz || test -f $(FMNIST)/train-images-idx3-ubyte || \
 	  ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist)
 
+# One pytest worker per core (pytest-xdist; tests are independent, each in its own tmp folders), the
+# slow end-to-end tests first (tests/conftest.py) so no long test starts last. TEST_WORKERS=0: serial.
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist worksteal)
 test: install fashion-mnist
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+	$(BIN)/pytest -q $(XDIST) $(PYTEST_ARGS)
 
 test-fast: install
-	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/pytest -q -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check distortkd tests experiments

@@ -61,3 +61,9 @@ def site(wheel, tmp_path_factory) -> Path:
     target = tmp_path_factory.mktemp("site")
     _pip("install", "--target", str(target), str(wheel))
     return target
+
+
+def pytest_collection_modifyitems(config, items):
+    """The ``slow`` end-to-end tests first (stable order otherwise): with one worker per core a
+    3-minute test collected last would run alone at the end of the suite."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
