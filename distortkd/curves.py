@@ -23,7 +23,7 @@ def demo_finetunes(runs: pd.DataFrame, opts) -> pd.DataFrame:
     return sel[sel["method"].isin(["supervised", "ours"])]
 
 
-def _curve(run: str) -> pd.DataFrame:
+def read_curve(run: str) -> pd.DataFrame:
     """``steps`` (optimizer steps done) and ``val`` (val/acc1) of one run's ``csv/metrics.csv``."""
     csv = Path(run) / "csv" / "metrics.csv"
     if not csv.is_file():
@@ -41,7 +41,7 @@ def finetune_curves(runs: pd.DataFrame, opts) -> pd.DataFrame:
     sel, _ = with_value(demo_finetunes(runs[runs["status"].eq("ok")], opts), opts.metric)
     records = []
     for run in sel.to_dict("records"):
-        curve = _curve(run["path"])
+        curve = read_curve(run["path"])
         best = curve["val"].to_numpy().argmax() if len(curve) else -1
         records += [{**run, "steps": int(c.steps), "val": float(c.val), "selected": i == best}
                     for i, c in enumerate(curve.itertuples(index=False))]

@@ -27,7 +27,7 @@ ATTENTION_COLUMNS = (
 )
 
 
-def _panels(n: int, ncols: int = 3, size: tuple[float, float] = (3.8, 3.0)) -> tuple[Figure, list]:
+def panels(n: int, ncols: int = 3, size: tuple[float, float] = (3.8, 3.0)) -> tuple[Figure, list]:
     """A figure with ``n`` subplots on a grid of at most ``ncols`` columns; the rest hidden."""
     ncols = max(1, min(n, ncols))
     nrows = -(-n // ncols)
@@ -39,7 +39,7 @@ def _panels(n: int, ncols: int = 3, size: tuple[float, float] = (3.8, 3.0)) -> t
     return fig, axes[:n]
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=PNG_DPI, bbox_inches="tight")
     return path
@@ -82,12 +82,12 @@ def severity_figure(
     if rows.empty:
         return None
     names = list(dict.fromkeys(rows["distortion"]))
-    fig, axes = _panels(len(names))
+    fig, axes = panels(len(names))
     for ax, name in zip(axes, names, strict=True):
         _lines(ax, rows[rows["distortion"].eq(name)], "severity", metric)
         ax.set(title=title(name), xlabel="severity", ylabel="accuracy (%)")
         ax.legend(fontsize="small")  # each panel may hold other models (one student per family)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def labels_figure(
@@ -111,7 +111,7 @@ def labels_figure(
         return None
     names = list(dict.fromkeys(runs["distortion.name"]))
     fractions = sorted(runs["data.label_fraction"].astype(float).unique())
-    fig, axes = _panels(len(names))
+    fig, axes = panels(len(names))
     for ax, name in zip(axes, names, strict=True):
         _lines(ax, runs[runs["distortion.name"].eq(name)], "data.label_fraction", value)
         ax.set_xscale("log")
@@ -120,7 +120,7 @@ def labels_figure(
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x * 100:g}%"))
         ax.set(title=title(name), xlabel="labelled fraction", ylabel="accuracy (%)")
     axes[0].legend(fontsize="small")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def steps_figure(curves: pd.DataFrame, path: Path) -> Path | None:
@@ -142,7 +142,7 @@ def steps_figure(curves: pd.DataFrame, path: Path) -> Path | None:
         return None
     keys = list(dict.fromkeys(zip(curves["distortion.name"], curves["data.label_fraction"],
                                   strict=True)))
-    fig, axes = _panels(len(keys), ncols=2)
+    fig, axes = panels(len(keys), ncols=2)
     for ax, (name, frac) in zip(axes, keys, strict=True):
         part = curves[curves["distortion.name"].eq(name) & curves["data.label_fraction"].eq(frac)]
         _lines(ax, part, "steps", "val")
@@ -154,7 +154,7 @@ def steps_figure(curves: pd.DataFrame, path: Path) -> Path | None:
         ax.set(title=f"{name}, {frac * 100:g} % labels", xlabel="fine-tune steps (× 128 images)",
                ylabel="accuracy (%)")
         ax.legend(fontsize="small")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _image(chw: np.ndarray) -> tuple[np.ndarray, str | None]:
@@ -219,7 +219,7 @@ def attention_figures(npz: Path, out_dir: Path, max_images: int = 4) -> list[Pat
         axes[i, 0].set_ylabel(f"image {i}")
         for j, (key, _, bg) in enumerate(cols, start=1):
             _overlay(axes[i, j], arrays[bg][i], arrays[key][i].mean(0))
-    paths = [_save(fig, out_dir / "attention.png")]
+    paths = [save_figure(fig, out_dir / "attention.png")]
     if cols:
         paths.append(_heads_figure(arrays, cols, out_dir / "attention_heads.png"))
     return paths
@@ -240,4 +240,4 @@ def _heads_figure(arrays: Mapping[str, np.ndarray], cols: list, path: Path) -> P
                 _overlay(axes[r, h], arrays[bg][0], arrays[key][0, h])
             else:
                 axes[r, h].set_axis_off()
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from scipy import stats
 
-from distortkd import report, report_study, study
+from distortkd import report, study, study_analysis
 
 ROOT = Path(__file__).resolve().parent.parent
 NOISE = {"name": "noise_strong", "family": "gaussian_noise", "params": {"sigma": 0.5}}
@@ -97,23 +97,23 @@ def test_training_verdict_follows_sign_and_significance(tmp_path, gap, word):
 def test_paired_matches_scipy_and_pairs_on_seed():
     a = pd.Series([0.61, 0.58, 0.66, 0.70], index=[0, 1, 2, 3])
     b = pd.Series([0.50, 0.52, 0.55, 0.59], index=[3, 0, 1, 2])  # other order: pairing is by seed
-    r = report_study.paired(a, b)
+    r = study_analysis.paired(a, b)
     x, y = a.sort_index().to_numpy(), b.sort_index().to_numpy()
     assert r.n == 4 and r.mean == pytest.approx((x - y).mean()) and r.std == pytest.approx((x - y).std(ddof=1))
     assert r.p == pytest.approx(stats.ttest_rel(x, y).pvalue)
-    one = report_study.paired(a.iloc[:1], b)
-    assert one.n == 1 and report_study.verdict(one, "up", "down").startswith("undetermined")
+    one = study_analysis.paired(a.iloc[:1], b)
+    assert one.n == 1 and study_analysis.verdict(one, "up", "down").startswith("undetermined")
 
 
 def test_detectable_effect_has_the_stated_power():
     rng = np.random.default_rng(0)
     for n in (3, 6):
-        d = report_study.detectable_effect(n)
+        d = study_analysis.detectable_effect(n)
         diffs = rng.normal(d, 1.0, size=(20000, n))  # effect d in units of the differences' std
         t = diffs.mean(1) / (diffs.std(1, ddof=1) / np.sqrt(n))
-        power = (np.abs(t) > stats.t.ppf(1 - report_study.ALPHA / 2, n - 1)).mean()
+        power = (np.abs(t) > stats.t.ppf(1 - study_analysis.ALPHA / 2, n - 1)).mean()
         assert power == pytest.approx(0.8, abs=0.015)
-    assert report_study.detectable_effect(3) > report_study.detectable_effect(6)
+    assert study_analysis.detectable_effect(3) > study_analysis.detectable_effect(6)
 
 
 def test_mce_is_error_ratio_per_seed_and_ignores_other_label_fractions(tmp_path):
@@ -130,11 +130,11 @@ def test_mce_is_error_ratio_per_seed_and_ignores_other_label_fractions(tmp_path)
 
 
 def test_trained_max_reads_fixed_range_and_mixed():
-    assert report_study.trained_max(NOISE) == {"gaussian_noise": 0.5}
-    assert report_study.trained_max(RANGE) == {"gaussian_noise": 0.5}
+    assert study_analysis.trained_max(NOISE) == {"gaussian_noise": 0.5}
+    assert study_analysis.trained_max(RANGE) == {"gaussian_noise": 0.5}
     mixed = {"family": "mixed", "params": {"families": ["mask", "gaussian_blur"], "mask_ratio": [0.5, 0.9],
                                            "noise_sigma": [0.1, 0.5], "blur_sigma": [0.5, 1.5]}}
-    assert report_study.trained_max(mixed) == {"mask": 0.9, "gaussian_blur": 1.5}
+    assert study_analysis.trained_max(mixed) == {"mask": 0.9, "gaussian_blur": 1.5}
 
 
 @pytest.mark.parametrize("cos_gap, word", [(0.1, "closer"), (-0.1, "farther")])
