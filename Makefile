@@ -24,9 +24,9 @@ fashion-mnist:
 	  ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist)
 
 # One pytest worker per core (pytest-xdist; tests are independent, each in its own tmp folders), the
-# slow end-to-end tests first (tests/conftest.py) so no long test starts last. TEST_WORKERS=0: serial.
+# longest tests first, spread over the workers (tests/conftest.py). TEST_WORKERS=0: serial.
 TEST_WORKERS ?= 2
-XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist worksteal)
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist load)
 test: install fashion-mnist
 	$(BIN)/pytest -q $(XDIST) $(PYTEST_ARGS)
 

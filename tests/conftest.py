@@ -63,7 +63,14 @@ def site(wheel, tmp_path_factory) -> Path:
     return target
 
 
+# The two longest tests (FAST study ~200 s, FAST demo ~130 s with 2 workers): started first, one
+# per worker.
+LONGEST = ("test_fast_study_end_to_end", "test_fast_demo_report_matches_run_folders")
+
+
 def pytest_collection_modifyitems(config, items):
-    """The ``slow`` end-to-end tests first (stable order otherwise): with one worker per core a
-    3-minute test collected last would run alone at the end of the suite."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The longest tests first, then the other ``slow`` ones (stable order otherwise). xdist's
+    ``--dist load`` hands the first tests out round-robin, so the long ones spread over the
+    workers and none is left to run alone at the end of the suite."""
+    rank = lambda item: 0 if item.name in LONGEST else 1 if item.get_closest_marker("slow") else 2  # noqa: E731
+    items.sort(key=rank)
