@@ -24,9 +24,9 @@ fashion-mnist:
 	  ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist)
 
 # One pytest worker per core (pytest-xdist; tests are independent, each in its own tmp folders), the
-# longest tests first, spread over the workers (tests/conftest.py). TEST_WORKERS=0: serial.
+# long tests first in each worker's half of the list (tests/conftest.py). TEST_WORKERS=0: serial.
 TEST_WORKERS ?= 2
-XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist load)
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist worksteal)
 test: install fashion-mnist
 	$(BIN)/pytest -q $(XDIST) $(PYTEST_ARGS)
 

@@ -63,14 +63,22 @@ def site(wheel, tmp_path_factory) -> Path:
     return target
 
 
-# The two longest tests (FAST study ~200 s, FAST demo ~130 s with 2 workers): started first, one
-# per worker.
+# The two longest tests (FAST study ~200 s, FAST demo ~130 s with 2 workers).
 LONGEST = ("test_fast_study_end_to_end", "test_fast_demo_report_matches_run_folders")
 
 
+def _rank(item) -> int:
+    return 0 if item.name in LONGEST else 1 if item.get_closest_marker("slow") else 2
+
+
 def pytest_collection_modifyitems(config, items):
-    """The longest tests first, then the other ``slow`` ones (stable order otherwise). xdist's
-    ``--dist load`` hands the first tests out round-robin, so the long ones spread over the
-    workers and none is left to run alone at the end of the suite."""
-    rank = lambda item: 0 if item.name in LONGEST else 1 if item.get_closest_marker("slow") else 2  # noqa: E731
-    items.sort(key=rank)
+    """Orders the suite for ``make test``'s two workers (xdist ``--dist worksteal``, which gives
+    worker 0 the first half of the list and worker 1 the second, then moves queued tests from the
+    longer queue's tail to an idle worker): each half starts with half of the long tests, taken
+    alternately in order of length, so both workers run them first and the short tests balance
+    the end. Serially, the order changes nothing."""
+    heavy = sorted((i for i in items if _rank(i) < 2), key=_rank)
+    light = [i for i in items if _rank(i) == 2]
+    first, second = heavy[0::2], heavy[1::2]
+    cut = max(0, len(items) // 2 - len(first))
+    items[:] = first + light[:cut] + second + light[cut:]
