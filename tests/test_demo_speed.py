@@ -3,21 +3,11 @@ block boundary, and a grid's cells share the teacher's clean features without ch
 
 import pytest
 import torch
+from test_seeded_draws import M32, _hash  # the hash's definition in Python ints
 
 from distortkd import distortions, draws
 from distortkd.evaluation import diagnose
 from distortkd.vit import FrozenTeacher, build_vit
-
-M32 = 2**32 - 1
-
-
-def _hash(x: int) -> int:
-    """lowbias32 in Python ints: the definition the tensor code must reproduce."""
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & M32
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & M32
-    return x ^ (x >> 16)
 
 
 def _reference_uniform(seed: int, index: int, stream: int) -> float:
