@@ -36,6 +36,7 @@ from distortkd.study_analysis import (
     mce,
     paired,
     per_corruption,
+    per_seed,
     recipes,
     recovery,
     trained_max,
@@ -174,17 +175,69 @@ def budget_rows(tuned: pd.DataFrame) -> list[dict]:
     return out
 
 
-def budget_section(tuned: pd.DataFrame) -> list[str]:
-    rows = budget_rows(tuned)
-    if not rows:
-        return []
-    body = [[r["recipe"], f"{r['fraction']:g}", r["early"].text(), r["end"].text(), r["test"].text(),
-             f"{r['rise_base'].text()}: {verdict(r['rise_base'], 'still rising', 'falling')}",
-             f"{r['rise_ours'].text()}: {verdict(r['rise_ours'], 'still rising', 'falling')}"] for r in rows]
-    steps = f"steps {rows[0]['first']} / {rows[0]['last']}; change from step {rows[0]['back']}"
-    return [f"## Fine-tune budget: student − baseline val accuracy early and at the end ({steps})", "",
-            *_table(["Recipe", "Labels", "Val gap, first check", "Val gap, end", "Test gap (best-val ckpt)",
-                     "Baseline, last ~100 steps", "Student, last ~100 steps"], body)]
+def convergence_rows(short: pd.DataFrame, long: pd.DataFrame) -> list[dict]:
+    """The convergence check: per recipe fine-tuned at both budgets, label fraction and method,
+    the test accuracy (best-val checkpoint) at the study's budget and at the long one, the change
+    (paired on seeds), and the student − baseline gap at each budget."""
+    out = []
+    if long.empty:
+        return out
+    for fraction in sorted(long["data.label_fraction"].unique()):
+        for key in (k for k in recipes(long, fraction) if k[2] == MAIN_LOSS):
+            at = {}
+            for budget, df in (("short", short), ("long", long)):
+                lf = df[df["data.label_fraction"].eq(fraction)]
+                at[budget] = {"student": per_seed(_of(lf, key), "test/acc1"),
+                              "baseline": per_seed(_baseline(lf, key[1]), "test/acc1")}
+            for who in ("baseline", "student"):
+                out.append({"recipe": label(key), "fraction": fraction, "who": who,
+                            "short": at["short"][who], "long": at["long"][who],
+                            "change": paired(at["long"][who], at["short"][who])})
+            out.append({"recipe": label(key), "fraction": fraction, "who": "gap",
+                        "short": paired(at["short"]["student"], at["short"]["baseline"]),
+                        "long": paired(at["long"]["student"], at["long"]["baseline"])})
+    return out
+
+
+def _pct(values: pd.Series) -> str:
+    return _mean_std(values * 100) + " %" if len(values.dropna()) else "—"
+
+
+def budget_section(short: pd.DataFrame, long: pd.DataFrame) -> list[str]:
+    """The study's budget against the convergence check's longer one, then the val gap early and
+    late at the study's budget for every recipe."""
+    lines = []
+    steps, long_steps = _steps(short), _steps(long)
+    conv = convergence_rows(short, long)
+    if conv:
+        body = [[r["recipe"], f"{r['fraction']:g}", r["who"], _pct(r["short"]), _pct(r["long"]),
+                 f"{r['change'].text()}: {verdict(r['change'], 'gains', 'loses')}"]
+                for r in conv if r["who"] != "gap"]
+        gaps = [[r["recipe"], f"{r['fraction']:g}", r["short"].text(), r["long"].text()]
+                for r in conv if r["who"] == "gap"]
+        lines += [f"## Fine-tune budget: {steps} steps (every recipe) vs {long_steps} steps (convergence check)", "",
+                  f"Test accuracy of the best-val checkpoint, mean ± std over seeds; each budget is its own "
+                  f"run with its own cosine schedule. \"gains\" at {long_steps} steps means {steps} was not "
+                  "converged for that method.", "",
+                  *_table(["Recipe", "Labels", "Method", f"{steps} steps", f"{long_steps} steps",
+                           f"{long_steps} − {steps}"], body),
+                  *_table(["Recipe", "Labels", f"Student − baseline at {steps} steps",
+                           f"Student − baseline at {long_steps} steps"], gaps)]
+    rows = budget_rows(short)
+    if rows:
+        body = [[r["recipe"], f"{r['fraction']:g}", r["early"].text(), r["end"].text(), r["test"].text(),
+                 f"{r['rise_base'].text()}: {verdict(r['rise_base'], 'still rising', 'falling')}",
+                 f"{r['rise_ours'].text()}: {verdict(r['rise_ours'], 'still rising', 'falling')}"] for r in rows]
+        at = f"steps {rows[0]['first']} / {rows[0]['last']}; change from step {rows[0]['back']}"
+        lines += [f"## Fine-tune budget: student − baseline val accuracy early and at the end ({at})", "",
+                  *_table(["Recipe", "Labels", "Val gap, first check", "Val gap, end", "Test gap (best-val ckpt)",
+                           "Baseline, last ~100 steps", "Student, last ~100 steps"], body)]
+    return lines
+
+
+def _steps(tuned: pd.DataFrame) -> int | None:
+    """The step budget of a set of fine-tunes (the most common one)."""
+    return int(tuned["trainer.max_steps"].mode().iloc[0]) if len(tuned) else None
 
 
 def severity_figure(rows: pd.DataFrame, keys: list[tuple], path: Path) -> Path | None:
@@ -227,26 +280,31 @@ def bars_figure(values: dict[str, pd.Series], ref: float, xlabel: str, path: Pat
     return save_figure(fig, path)
 
 
-def steps_figure(tuned: pd.DataFrame, keys: list[tuple], path: Path) -> Path | None:
+def steps_figure(tuned: pd.DataFrame, keys: list[tuple], path: Path, budget: int | None = None) -> Path | None:
     """Val accuracy vs fine-tune steps (mean over seeds) of the recipe fine-tuned at every label
-    fraction and its baseline."""
+    fraction and its baseline (the convergence check's longer runs when there are; a dotted line at
+    the study's ``budget``)."""
     fractions = tuned["data.label_fraction"].unique()
     key = next((k for k in keys if k[2] == MAIN_LOSS and all(
         len(_of(tuned[tuned["data.label_fraction"].eq(f)], k)) for f in fractions)), None)
     if key is None:
         return None
     c = curves(tuned, key[1], key[0])
+    if c.empty:  # no run logged a validation curve
+        return None
     fig, (ax,) = panels(1, size=(5.5, 3.6))
     for (method, fraction), part in c.groupby(["method", "fraction"]):
         mean = part.groupby("steps")["val"].mean() * 100
         ax.plot(mean.index, mean.to_numpy(), ls="-" if method == "ours" else "--",
                 label=f"{'student' if method == 'ours' else 'supervised'}, {fraction:g} labels")
+    if budget is not None and budget < c["steps"].max():
+        ax.axvline(budget, color="grey", ls=":", lw=1, label=f"the study's budget ({budget} steps)")
     ax.set(title=label(key), xlabel="fine-tune steps", ylabel="val accuracy (%)")
     ax.legend(fontsize=7)
     return save_figure(fig, path)
 
 
-def _setup(tuned: pd.DataFrame, rows: pd.DataFrame, root: Path) -> list[str]:
+def _setup(tuned: pd.DataFrame, rows: pd.DataFrame, root: Path, long: pd.DataFrame) -> list[str]:
     """What ran, read from the runs' own configs."""
     cfg, _ = rundir.read_config(tuned["path"].iloc[0])
     ev, _ = rundir.read_config(rows["path"].iloc[0])
@@ -257,15 +315,23 @@ def _setup(tuned: pd.DataFrame, rows: pd.DataFrame, root: Path) -> list[str]:
             f"{cfg['data']['name']} (val: {cfg['data']['val_fraction']:g} of them); fine-tunes "
             f"{cfg['trainer']['max_steps']} steps x {cfg['data']['batch_size']} at label fractions "
             f"{fractions}, best-val checkpoint; every evaluation cell on the same "
-            f"{ev['evaluation']['images']} corrupted test images (per-sample seeds).", ""]
+            f"{ev['evaluation']['images']} corrupted test images (per-sample seeds)."
+            + (f" Convergence check: {len(long)} fine-tunes of {_steps(long)} steps (test accuracy and "
+               "curves only)." if len(long) else ""), ""]
 
 
 def build(opts) -> str:
     """Writes ``results.md`` and the figures under ``opts.out`` from the run folders in
     ``opts.dirs``; returns the markdown."""
     root = opts.dirs[0]
-    tuned, rows = load(root)
-    main = float(rows.loc[rows["stage"].eq("finetuned"), "data.label_fraction"].mode().iloc[0])
+    every, rows = load(root)
+    finetuned = rows[rows["stage"].eq("finetuned")]
+    main = float(finetuned["data.label_fraction"].mode().iloc[0])
+    # The study's budget is that of the fine-tunes it evaluated; longer ones are the convergence
+    # check, read for their test accuracy and curves only (never mixed into a recipe's numbers).
+    budget = _steps(finetuned)
+    tuned = every[every["trainer.max_steps"].eq(budget)]
+    long = every[every["trainer.max_steps"].gt(budget)]
     # Distilled students carry their distillation's label fraction (1.0): kept whatever ``main``.
     rows = rows[rows["stage"].eq("distilled") | rows["data.label_fraction"].eq(main)]
     st = analyse(tuned, rows, main)
@@ -276,11 +342,12 @@ def build(opts) -> str:
             bars_figure({label(k): heldout_recovery(rows, k, "cos_cls") for k in st.keys}, 0,
                         "held-out CLS cosine to the clean teacher: distilled student − teacher",
                         out / "recovery.png"),
-            steps_figure(tuned, st.keys, out / "steps.png")]
+            steps_figure(long, st.keys, out / "steps.png", budget)
+            or steps_figure(tuned, st.keys, out / "steps.png", budget)]
     lines = ["# Study: does the distilled student recover clean representations, or compensate for "
-             "its one distortion?", "", *_setup(tuned, rows, root), *verdicts(st, n_seeds),
+             "its one distortion?", "", *_setup(tuned, rows, root, long), *verdicts(st, n_seeds),
              *recipe_table(st), *recovery_table(st), *corruption_table(rows, st.keys, "cos_cls"),
-             *corruption_table(rows, st.keys, "cka_cls"), *budget_section(tuned),
+             *corruption_table(rows, st.keys, "cka_cls"), *budget_section(tuned, long),
              "## Figures", "", *(f"![{p.stem}]({p.name})" for p in made if p is not None), ""]
     if bad := left_out(root):
         lines += ["## Left out", "", "Run folders without a finished result; no table uses them.", "", *bad, ""]

@@ -1,7 +1,8 @@
 """``python -m distortkd.study``: the evaluation stage of ``make study`` and its best-recipe pick.
 
-``evaluate ROOT --images N`` scores every finished full fine-tune under ``ROOT/finetune`` on the
-same N corrupted test images: mask, noise and blur at the study's severities (``severities`` of
+``evaluate ROOT --images N [OVERRIDE ...]`` scores every finished full fine-tune under
+``ROOT/finetune`` at the study's budget (``study.steps``; the convergence check's longer runs are
+read for their own test accuracy only) on the same N corrupted test images: mask, noise and blur at the study's severities (``severities`` of
 ``experiment=study_evaluate``) and every held-out ImageNet-C style corruption x 5 severities, with
 accuracy and the diagnostics against the teacher on the clean images (cos, CKA, attention) in
 every cell; and every finished distilled student before fine-tuning (diagnostics only: the
@@ -32,8 +33,10 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from distortkd import CONF, distortions, rundir
 from distortkd.build import build_model
@@ -49,11 +52,12 @@ from distortkd.vit import FrozenTeacher
 SUITE = "study"
 
 
-def study_config(root: Path, images: int):
-    """The composed ``experiment=study_evaluate`` config with ``images`` test images."""
+def study_config(root: Path, images: int, overrides: Sequence[str] = ()):
+    """The composed ``experiment=study_evaluate`` config with ``images`` test images and the
+    Hydra ``overrides`` the study's stages share (e.g. ``study.steps=4`` in its smoke version)."""
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         return compose("evaluate", overrides=["experiment=study_evaluate", f"paths.root={root.parent}",
-                                              f"data.limit_eval={images}", "trainer=cpu"])
+                                              f"data.limit_eval={images}", "trainer=cpu", *overrides])
 
 
 def finished(root: Path, task: str) -> list[Path]:
@@ -117,12 +121,14 @@ def score(encoder, head, teacher_clean, distorted: torch.Tensor, labels: torch.T
     return out
 
 
-def pending(root: Path, label_fraction: float) -> list[tuple[Path, Path]]:
+def pending(root: Path, label_fraction: float, steps: int) -> list[tuple[Path, Path]]:
     """``(run, evaluate folder)`` of every finished distillation, and fine-tune at
-    ``label_fraction`` (the 1 % ones serve the budget curves only), not yet scored."""
+    ``label_fraction`` and ``steps`` (the 1 % ones and the longer ones serve the budget check
+    only), not yet scored."""
     todo = []
     tuned = [r for r in finished(root, "finetune")
-             if rundir.read_config(r)[0]["data"]["label_fraction"] == label_fraction]
+             if (c := rundir.read_config(r)[0])["data"]["label_fraction"] == label_fraction
+             and c["trainer"]["max_steps"] == steps]
     for run in [*tuned, *finished(root, "distill")]:
         out = root / "evaluate" / f"{run.name}_{SUITE}"
         metrics, _ = rundir.read_metrics(out)
@@ -131,13 +137,13 @@ def pending(root: Path, label_fraction: float) -> list[tuple[Path, Path]]:
     return todo
 
 
-def evaluate(root: Path, images: int) -> list[Path]:
+def evaluate(root: Path, images: int, overrides: Sequence[str] = ()) -> list[Path]:
     """Writes ``ROOT/evaluate/<run name>_study`` for every fine-tune and distilled student not yet
     scored (students: diagnostics only, before any fine-tune); returns those folders. Every row
     also holds the teacher's own diagnostics on the distorted images (``teacher_*``: where the
     student started)."""
-    cfg = study_config(root, images)
-    todo = pending(root, cfg.data.label_fraction)
+    cfg = study_config(root, images, overrides)
+    todo = pending(root, cfg.data.label_fraction, int(cfg.study.steps))
     if not todo:
         print("study evaluate: every run is already scored", file=sys.stderr)
         return []
@@ -201,19 +207,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     ev = sub.add_parser("evaluate", help="score every finished fine-tune under ROOT")
     ev.add_argument("root", type=Path, help="the study's run folder (<runs>/study)")
     ev.add_argument("--images", type=int, default=500, help="test images per cell")
+    ev.add_argument("overrides", nargs="*", help="Hydra overrides of the study's stages (study.steps=...)")
     best = sub.add_parser("best", help="print the best recipe: fine-tune and distillation distortion")
     best.add_argument("root", type=Path)
-    opts = p.parse_args(argv)
+    opts, extra = p.parse_known_args(argv)  # overrides may follow --images (argparse stops at it)
+    if extra and (opts.command != "evaluate" or any(a.startswith("-") for a in extra)):
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        opts.overrides = [*opts.overrides, *extra]
     try:
         if opts.command == "evaluate":
             if opts.images < 1:
                 raise UserError(f"--images {opts.images}; accepted: an integer >= 1")
-            done = evaluate(opts.root, opts.images)
+            done = evaluate(opts.root, opts.images, opts.overrides)
             print(f"study evaluate: {len(done)} runs scored", file=sys.stderr)
         else:
             print(*best_recipe(opts.root))
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (UserError, HydraException, OmegaConfBaseException) as err:  # a bad override too
+        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2
     return 0
 

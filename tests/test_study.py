@@ -200,3 +200,28 @@ def test_unfinished_runs_are_listed_not_used(tmp_path):
     assert f"`{broken.resolve()}`: failed, diverged" in text
     row = next(r for r in text.splitlines() if r.startswith("| fixed: noise_strong |"))
     assert "(n = 2," in row.split(" | ")[1]  # the failed seed is not paired
+
+
+def test_convergence_check_is_reported_apart_and_never_mixed_into_recipes(tmp_path):
+    """Longer fine-tunes of the same recipe (the convergence check) get their own table; every
+    recipe number stays that of the study's budget."""
+    study_root = make_study(tmp_path / "runs", 0.05)
+    before = _report(study_root, tmp_path / "before")
+    wobble = (0.01, -0.01, 0.0)
+    for seed in (0, 1, 2):  # 800 steps: the baseline gains 10 points, the student nothing
+        for method, acc in (("supervised", 0.6 + 0.01 * seed), ("ours", 0.55 + 0.01 * (seed - 1) ** 2 + wobble[seed])):
+            cfg = {**_config("finetune", method, seed, NOISE, "noise_strong"), "trainer": {"max_steps": 800}}
+            _write(study_root / "finetune" / f"{method}_long_s{seed}", cfg, {"test/acc1": acc})
+    text = _report(study_root, tmp_path / "after")
+    recipe_row = lambda t: next(r for r in t.splitlines() if r.startswith("| fixed: noise_strong |"))  # noqa: E731
+    assert recipe_row(text) == recipe_row(before)
+    assert "## Fine-tune budget: 200 steps (every recipe) vs 800 steps (convergence check)" in text
+    assert "Convergence check: 6 fine-tunes of 800 steps" in text
+    rows = [r for r in text.splitlines() if r.startswith("| fixed: noise_strong | 0.1 |")]
+    base = next(r for r in rows if "| baseline |" in r)
+    student = next(r for r in rows if "| student |" in r)
+    assert base.endswith(": gains |") and "| 50.0 ± 0.0 % | 61.0 ± 1.0 % |" in base, base
+    assert student.endswith(": no significant difference |"), student
+    gap = next(r for r in text.splitlines() if r.startswith("| fixed: noise_strong | 0.1 | +"))
+    assert gap.split(" | ")[3].startswith("-"), gap  # the 5-point lead at 200 steps is gone at 800
+    assert "## Fine-tune budget: student − baseline val accuracy early" in text
