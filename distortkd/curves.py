@@ -13,7 +13,7 @@ from distortkd import figures
 from distortkd.selection import METHODS, finetune, main_loss, with_curves, with_value, with_variant
 from distortkd.tables import MISSING, Table
 
-CURVE_STEPS = (20, 40, 100, 200, 300, 400, 600, 800, 1000)  # table columns (40: the old budget)
+CURVE_STEPS = (20, 40, 50, 100, 200, 300, 400, 600, 800, 1000)  # table columns (40: the old budget)
 
 
 def demo_finetunes(runs: pd.DataFrame, opts) -> pd.DataFrame:
@@ -63,7 +63,10 @@ def steps(runs: pd.DataFrame, rows: pd.DataFrame, opts) -> list[Table]:
     curves = steps_frame(runs, opts)
     if curves.empty:
         return []
-    shown = [s for s in CURVE_STEPS if s <= curves["steps"].max()]
+    # The columns some run logged: the first check, then those of CURVE_STEPS (a column no run has
+    # would be all "—", e.g. 20 and 40 when validation runs every 50 steps).
+    logged = set(curves["steps"])
+    shown = sorted({min(logged)} | {s for s in CURVE_STEPS if s in logged})
     cells = {}
     curves = curves.assign(rank=curves["method"].map({m: i for i, m in enumerate(METHODS)}))
     keys = ["distortion.name", "data.label_fraction", "curve"]

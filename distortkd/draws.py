@@ -95,6 +95,16 @@ class Draw:
             out[r : r + len(x)] = _unit(_hash32_(_hash32_(x, t), t))
         return out.reshape(self.batch, *shape)
 
+    def rows(self, start: int, stop: int) -> Draw:
+        """The draw of samples ``start:stop``: seeded, the very numbers those rows of this draw give
+        (each row depends on its own seed only); unseeded, a fresh draw of that many samples."""
+        sub = object.__new__(Draw)
+        sub.device, sub.raw, sub.seeds = self.device, None, None
+        if self.seeds is not None:
+            sub.raw, sub.seeds = self.raw[start:stop], self.seeds[start:stop]
+        sub.batch = len(range(self.batch)[start:stop])
+        return sub
+
     def split(self, step: int, images: Tensor) -> Draw:
         """The draw of step ``step`` of a chain: seeds ``step_seeds(seeds, step)``, or the global
         generator when unseeded (it never repeats anyway)."""

@@ -60,25 +60,32 @@ def load_finetuned(cfg: DictConfig, build_model, num_classes: int, path: Path) -
     return module
 
 
-@torch.no_grad()
-def diagnose(encoder: Encoder, teacher: FrozenTeacher, datamodule, dist, seed: int, max_batches: int, device,
-             clean_cache: dict | None = None):
-    """Diagnostics of ``encoder`` (and of the teacher itself) on distorted vs teacher on clean.
+class Diagnostics:
+    """What a test pass measures besides top-1 (``FinetuneModule.test_observer``): diagnostics of
+    the evaluated encoder, and of the untouched teacher, on the first ``max_batches`` distorted
+    batches, each against the teacher on the clean batch. They read the test pass's own distorted
+    images and features, so nothing is distorted or encoded twice.
 
     ``clean_cache`` (batch number → teacher features on the clean batch) is shared by the cells of
     one grid: the test loader is unshuffled, so every cell's batch i is the same clean images.
     """
-    ours, base = RepresentationMeter(), RepresentationMeter()
-    clean_cache = {} if clean_cache is None else clean_cache
-    for i, batch in enumerate(datamodule.device_batches(datamodule.test_dataloader(), device)):
-        if i >= max_batches:
-            break
-        x = batch["image"]
-        xd = dist(x, sample_seeds(batch["index"], seed))
-        clean = clean_cache[i] if i in clean_cache else clean_cache.setdefault(i, teacher.features(x))
-        ours.update(encoder.features(xd), clean)
-        base.update(teacher.features(xd), clean)
-    return {**ours.compute(), **{f"teacher_{k}": v for k, v in base.compute().items()}}
+
+    def __init__(self, teacher: FrozenTeacher, max_batches: int, clean_cache: dict | None = None):
+        self.teacher, self.max_batches = teacher, max_batches
+        self.clean_cache = {} if clean_cache is None else clean_cache
+        self.ours, self.base = RepresentationMeter(), RepresentationMeter()
+
+    @torch.no_grad()
+    def __call__(self, i: int, images, distorted, features) -> None:
+        if i >= self.max_batches:
+            return
+        cache = self.clean_cache
+        clean = cache[i] if i in cache else cache.setdefault(i, self.teacher.features(images))
+        self.ours.update(features, clean)
+        self.base.update(self.teacher.features(distorted), clean)
+
+    def compute(self) -> dict:
+        return {**self.ours.compute(), **{f"teacher_{k}": v for k, v in self.base.compute().items()}}
 
 
 def attention_maps(encoder: Encoder, teacher: FrozenTeacher, baseline: Encoder | None, images, dist, seeds):
@@ -112,16 +119,18 @@ def evaluate_grid(cfg: DictConfig, run_dir: Path, build_model, checkpoint: Path)
     rows, metrics, clean_cache = [], {}, {}
     for name, severity, dist in grid_cells(cfg):
         module.distortion, module.test_prefix = dist, f"test/{name}/{severity:g}"
+        diag = (Diagnostics(teacher, cfg.diagnostics.max_batches, clean_cache)
+                if teacher is not None and module.encoder.is_vit and stored is None else None)
+        module.test_observer = diag
         if stored is None:
             trainer.test(module, datamodule=datamodule, verbose=False)
         else:
             trainer.test(module, dataloaders=stored.loader(name, severity, datamodule), verbose=False)
+        module.test_observer = None
         acc = float(trainer.callback_metrics[f"{module.test_prefix}/acc1"])
         row = {"distortion": name, "severity": severity, "acc1": acc}
-        if teacher is not None and module.encoder.is_vit and stored is None:
-            module.to(device)
-            row.update(diagnose(module.encoder, teacher, datamodule, dist, cfg.seed,
-                                cfg.diagnostics.max_batches, device, clean_cache))
+        if diag is not None:
+            row.update(diag.compute())
         rows.append(row)
         metrics[f"{module.test_prefix}/acc1"] = acc
         print(f"{name:>18s} {severity:>6g}  acc1={acc:.4f}", flush=True)

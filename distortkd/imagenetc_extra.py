@@ -179,6 +179,9 @@ def elastic_transform(images: Tensor, param: tuple, draw: Draw) -> Tensor:
     return _sample(x, ys + field[:, 1], xs + field[:, 0], "bilinear", "reflection")
 
 
+_FOG_BYTES = 8 << 20  # the plasma maps of one chunk (16 at 256²): they stay in the CPU's cache
+
+
 def plasma_fractal(draw: Draw, mapsize: int, decay: float, stream: int) -> Tensor:
     """The reference's diamond-square height map ``[B, S, S]`` in [0, 1], per sample, batched."""
     m = torch.zeros(draw.batch, mapsize, mapsize, dtype=torch.float64, device=draw.device)
@@ -209,7 +212,13 @@ def fog(images: Tensor, param: tuple, draw: Draw) -> Tensor:
     scale, decay = param
     h, w = images.shape[-2:]
     size = max(256, 1 << (max(h, w) - 1).bit_length())
-    plasma = plasma_fractal(draw, size, decay, stream=300)[:, None, :h, :w].to(images)
+    # A few maps at a time: 1,000 float64 256² maps are 0.5 GB per temporary, and the page faults of
+    # allocating them took more time than the arithmetic (1,000 images: 22 s, half of it system
+    # time; 16 at a time: see README "Speed"). Each map depends on its own seed only, so the maps
+    # are the same.
+    chunk = max(1, _FOG_BYTES // (size * size * 8))
+    plasma = torch.cat([plasma_fractal(draw.rows(r, r + chunk), size, decay, stream=300)[:, None, :h, :w]
+                        for r in range(0, draw.batch, chunk)]).to(images)
     top = images.amax(dim=(1, 2, 3), keepdim=True)
     return (images + scale * plasma) * top / (top + scale)
 

@@ -25,7 +25,7 @@ from distortkd.draws import sample_seeds
 from distortkd.errors import UserError, unknown
 from distortkd.losses import DistillLoss, attention_kl
 from distortkd.steps import distill_loss, distill_step, supervised_loss
-from distortkd.vit import Encoder, FrozenTeacher, ToTeacher
+from distortkd.vit import Encoder, Features, FrozenTeacher, ToTeacher
 
 
 class NonFiniteLossError(RuntimeError):
@@ -272,6 +272,10 @@ class FinetuneModule(_Base):
         self.val_acc, self.test_acc = acc(), acc()
         self.test_prefix = "test"
         self._bank: tuple[Tensor, Tensor] | None = None
+        # Called by test_step with (batch_idx, clean images, distorted images, their Features):
+        # what else a test pass measures on the same distorted batch (evaluation's diagnostics),
+        # so nothing is distorted or encoded twice. None: the plain top-1.
+        self.test_observer: Callable[[int, Tensor, Tensor, Features], None] | None = None
 
     def on_train_epoch_start(self) -> None:
         if self.mode != "full":
@@ -301,7 +305,14 @@ class FinetuneModule(_Base):
     def test_step(self, batch: dict, batch_idx: int) -> None:
         if self.empty(batch):
             return
-        self.test_acc(self._predict(batch), batch["label"])
+        if self.test_observer is None or self.mode == "knn":
+            logits = self._predict(batch)
+        else:  # one forward for both: the head reads the pooled embedding, features().cls
+            distorted = self.distortion(batch["image"], self.seeds(batch))
+            feats = self.encoder.features(distorted)
+            logits = self.head(feats.cls)
+            self.test_observer(batch_idx, batch["image"], distorted, feats)
+        self.test_acc(logits, batch["label"])
         self.log(f"{self.test_prefix}/acc1", self.test_acc)
 
     def on_validation_epoch_start(self) -> None:

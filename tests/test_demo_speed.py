@@ -1,12 +1,14 @@
 """The demo's speed-ups keep their numbers: seeded draws made in blocks are the hash's bits at every
-block boundary, and a grid's cells share the teacher's clean features without changing a diagnostic."""
+block boundary, a grid's cells share the teacher's clean features without changing a diagnostic,
+the diagnostics read the test pass's own distorted batch without changing its top-1, and fog's
+plasma maps made a few at a time are the maps of the whole batch."""
 
 import pytest
 import torch
 from test_seeded_draws import M32, _hash  # the hash's definition in Python ints
 
 from distortkd import distortions, draws
-from distortkd.evaluation import diagnose
+from distortkd.evaluation import Diagnostics
 from distortkd.vit import FrozenTeacher, build_vit
 
 
@@ -37,18 +39,14 @@ class _Counting(FrozenTeacher):
         return super().features(images, with_attn)
 
 
-class _Batches:
-    """What ``diagnose`` reads of a datamodule: an unshuffled test loader, through
-    ``device_batches``."""
-
-    def __init__(self, images):
-        self.images = images
-
-    def test_dataloader(self):
-        return [{"image": self.images[i:i + 4], "index": torch.arange(i, i + 4)} for i in (0, 4)]
-
-    def device_batches(self, loader, device):
-        yield from loader
+def _diagnose(student, teacher, images, dist, cache=None):
+    """A test pass's observer calls over two unshuffled batches of 4 (what ``test_step`` does)."""
+    diag = Diagnostics(teacher, 2, cache)
+    for i in (0, 1):
+        x, idx = images[4 * i:4 * i + 4], torch.arange(4 * i, 4 * i + 4)
+        distorted = dist(x, draws.sample_seeds(idx, 0))
+        diag(i, x, distorted, student.features(distorted))
+    return diag.compute()
 
 
 def test_grid_cells_share_the_teachers_clean_features_and_get_the_same_diagnostics():
@@ -56,11 +54,63 @@ def test_grid_cells_share_the_teachers_clean_features_and_get_the_same_diagnosti
     kw = dict(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=1, num_heads=2, num_classes=0)
     student = build_vit("vit_tiny_patch16_224", pretrained=False, **kw).eval()
     teacher = _Counting(build_vit("vit_tiny_patch16_224", pretrained=False, **kw))
-    data = _Batches(torch.rand(8, 1, 28, 28))
+    images = torch.rand(8, 1, 28, 28)
     cells = [distortions.at_severity("gaussian_noise", 0.5), distortions.at_severity("mask", 0.9)]
-    alone = [diagnose(student, teacher, data, d, 0, 2, "cpu") for d in cells]
+    alone = [_diagnose(student, teacher, images, d) for d in cells]
     _Counting.seen, cache = 0, {}
-    shared = [diagnose(student, teacher, data, d, 0, 2, "cpu", cache) for d in cells]
+    shared = [_diagnose(student, teacher, images, d, cache) for d in cells]
     assert shared == alone
     # per cell the teacher sees the 8 distorted images; the 8 clean ones once for the whole grid
     assert _Counting.seen == 8 * len(cells) + 8
+
+
+def test_test_pass_with_diagnostics_keeps_top1_and_measures_its_own_distorted_batch():
+    """The observer sees exactly the images the accuracy was computed on, and top-1 is that of a
+    plain test pass (the head reads features().cls, which is forward())."""
+    import lightning as L
+
+    from distortkd.modules import FinetuneModule
+
+    torch.manual_seed(0)
+    kw = dict(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=1, num_heads=2, num_classes=0)
+    module = FinetuneModule(build_vit("vit_tiny_patch16_224", pretrained=False, **kw), 10,
+                            distortions.at_severity("gaussian_noise", 0.5), optimizer=None).eval()
+    teacher = FrozenTeacher(build_vit("vit_tiny_patch16_224", pretrained=False, **kw))
+    images, labels = torch.rand(12, 1, 28, 28), torch.randint(0, 10, (12,))
+    loader = [{"image": images[i:i + 4], "label": labels[i:i + 4], "index": torch.arange(i, i + 4)}
+              for i in (0, 4, 8)]
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    batches = torch.utils.data.DataLoader(loader, batch_size=None)  # the list, batch by batch
+    plain = trainer.test(module, dataloaders=batches, verbose=False)[0]["test/acc1"]
+    seen = []
+    diag = Diagnostics(teacher, 2)
+    module.test_observer = lambda i, x, xd, f: (seen.append((i, xd)), diag(i, x, xd, f))
+    observed = trainer.test(module, dataloaders=batches, verbose=False)[0]["test/acc1"]
+    assert observed == plain
+    assert [i for i, _ in seen] == [0, 1, 2]
+    for i, xd in seen:  # the distorted batch is the cell's seeded distortion of that batch
+        b = loader[i]
+        assert torch.equal(xd, module.distortion(b["image"], module.seeds(b)))
+    assert diag.compute() == _diagnose(module.encoder, teacher, images[:8], module.distortion)
+
+
+def test_draw_rows_are_the_rows_of_the_whole_draw():
+    seeds = torch.tensor([3, 1, 4, 1, 5, 9, 2])
+    whole = draws.Draw(torch.zeros(7, 1, 2, 2), seeds)
+    for start, stop in ((0, 3), (3, 7), (5, 99)):
+        sub = whole.rows(start, stop)
+        assert sub.batch == len(seeds[start:stop])
+        assert torch.equal(sub.uniform(2, 3, stream=7), whole.uniform(2, 3, stream=7)[start:stop])
+    assert draws.Draw(torch.zeros(7, 1, 2, 2), None).rows(2, 6).uniform(3, stream=0).shape == (4, 3)
+
+
+@pytest.mark.parametrize("maps_per_chunk", [1, 3, 64])  # one map, chunks across the batch, one chunk
+def test_fog_in_chunks_is_fog_in_one_batch(monkeypatch, maps_per_chunk):
+    from distortkd import imagenetc_extra
+
+    images = torch.rand(5, 1, 12, 12)
+    seeds = torch.arange(5) * 7919
+    one = imagenetc_extra.fog(images, (1.5, 2), draws.Draw(images, seeds))
+    monkeypatch.setattr(imagenetc_extra, "_FOG_BYTES", maps_per_chunk * 256 * 256 * 8)
+    assert torch.equal(imagenetc_extra.fog(images, (1.5, 2), draws.Draw(images, seeds)), one)
