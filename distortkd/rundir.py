@@ -61,10 +61,20 @@ def compared(config: dict, *, seed: bool = True) -> dict:
             if not (k.startswith(skip) or f"{k}." in skip) and (seed or k != "seed")}
 
 
+def _rooted(config: dict) -> dict:
+    """``compared(config)`` with each path under the config's own run root (``paths.root``) written
+    as ``<runs>/…``: a run root moved or copied elsewhere still holds the same settings."""
+    root = str((config.get("paths") or {}).get("root") or "").rstrip("/")
+    if not root:
+        return compared(config)
+    return {k: "<runs>" + v[len(root):] if isinstance(v, str) and (v == root or v.startswith(root + "/")) else v
+            for k, v in compared(config).items()}
+
+
 def differences(old: dict, new: dict) -> list[str]:
     """Compared keys whose values differ (keys only one side has are not compared: configs gain
-    keys as the code grows)."""
-    a, b = compared(old), compared(new)
+    keys as the code grows; paths under each side's own run root compare relative to it)."""
+    a, b = _rooted(old), _rooted(new)
     return sorted(k for k in a.keys() & b.keys() if a[k] != b[k])
 
 

@@ -381,3 +381,20 @@ def test_objects_a_config_node_cannot_build_are_one_line(args, needle, runs, mon
     code, err = _cli("distill", [*TINY, *args], monkeypatch, capsys)
     last = err.strip().splitlines()[-1]
     assert code == 2 and last.startswith("error: ") and needle in last and "Traceback" not in err, err[-2000:]
+
+
+def test_a_moved_run_root_holds_the_same_settings_but_another_upstream_does_not():
+    """A path under a run's own root (the demo's teacher checkpoint) compares relative to it, so a
+    run folder moved to another root is still recognised; a path to another place is a difference."""
+    old = {"paths": {"root": "/tmp/demo-after"}, "seed": 0,
+           "demo": {"teacher_ckpt": "/tmp/demo-after/demo/finetune/teacher/checkpoints/last.ckpt"},
+           "model": {"weights_file": "/data/dino.safetensors"}}
+    moved = {"paths": {"root": "experiments/demo/runs/"}, "seed": 0,
+             "demo": {"teacher_ckpt": "experiments/demo/runs/demo/finetune/teacher/checkpoints/last.ckpt"},
+             "model": {"weights_file": "/data/dino.safetensors"}}
+    assert rundir.differences(old, moved) == []
+    other = {**moved, "demo": {"teacher_ckpt": "/elsewhere/demo/finetune/teacher/checkpoints/last.ckpt"}}
+    assert rundir.differences(old, other) == ["demo.teacher_ckpt"]
+    prefix_only = {**old, "demo": {"teacher_ckpt": "/tmp/demo-after-2/teacher.ckpt"}}  # not under the root
+    assert rundir.differences(prefix_only, {**moved, "demo": {"teacher_ckpt": "experiments/demo/runs-2/teacher.ckpt"}}) \
+        == ["demo.teacher_ckpt"]
