@@ -189,10 +189,21 @@ def convergence_rows(short: pd.DataFrame, long: pd.DataFrame) -> list[dict]:
                 lf = df[df["data.label_fraction"].eq(fraction)]
                 at[budget] = {"student": per_seed(_of(lf, key), "test/acc1"),
                               "baseline": per_seed(_baseline(lf, key[1]), "test/acc1")}
-            for who in ("baseline", "student"):
-                out.append({"recipe": label(key), "fraction": fraction, "who": who,
-                            "short": at["short"][who], "long": at["long"][who],
-                            "change": paired(at["long"][who], at["short"][who])})
+            c = curves(long, key[1], key[0])  # the long runs' val curves: are they flat at the end?
+            if len(c):
+                c = c[c["fraction"].eq(fraction)]
+            for who, method in (("baseline", "supervised"), ("student", "ours")):
+                row = {"recipe": label(key), "fraction": fraction, "who": who,
+                       "short": at["short"][who], "long": at["long"][who],
+                       "change": paired(at["long"][who], at["short"][who]), "plateau": None}
+                part = c[c["method"].eq(method)] if len(c) else c
+                if len(part):
+                    val = part.groupby(["seed", "steps"])["val"].mean()
+                    steps = sorted(part["steps"].unique())
+                    back = min(steps, key=lambda s: abs(s - 0.75 * steps[-1]))
+                    row["plateau"] = paired(_at(val, steps[-1]), _at(val, back))
+                    row["plateau_steps"] = (back, steps[-1])
+                out.append(row)
             out.append({"recipe": label(key), "fraction": fraction, "who": "gap",
                         "short": paired(at["short"]["student"], at["short"]["baseline"]),
                         "long": paired(at["long"]["student"], at["long"]["baseline"])})
@@ -211,8 +222,12 @@ def budget_section(short: pd.DataFrame, long: pd.DataFrame) -> list[str]:
     conv = convergence_rows(short, long)
     if conv:
         body = [[r["recipe"], f"{r['fraction']:g}", r["who"], _pct(r["short"]), _pct(r["long"]),
-                 f"{r['change'].text()}: {verdict(r['change'], 'gains', 'loses')}"]
+                 f"{r['change'].text()}: {verdict(r['change'], 'gains', 'loses')}",
+                 "—" if r["plateau"] is None else
+                 f"{r['plateau'].text()}: {verdict(r['plateau'], 'still rising', 'falling')}"]
                 for r in conv if r["who"] != "gap"]
+        last = next((r["plateau_steps"] for r in conv if r.get("plateau_steps")), None)
+        quarter = f"val, step {last[0]} → {last[1]}" if last else "val, last quarter"
         gaps = [[r["recipe"], f"{r['fraction']:g}", r["short"].text(), r["long"].text()]
                 for r in conv if r["who"] == "gap"]
         lines += [f"## Fine-tune budget: {steps} steps (every recipe) vs {long_steps} steps (convergence check)", "",
@@ -220,7 +235,7 @@ def budget_section(short: pd.DataFrame, long: pd.DataFrame) -> list[str]:
                   f"run with its own cosine schedule. \"gains\" at {long_steps} steps means {steps} was not "
                   "converged for that method.", "",
                   *_table(["Recipe", "Labels", "Method", f"{steps} steps", f"{long_steps} steps",
-                           f"{long_steps} − {steps}"], body),
+                           f"{long_steps} − {steps}", f"Long run: {quarter}"], body),
                   *_table(["Recipe", "Labels", f"Student − baseline at {steps} steps",
                            f"Student − baseline at {long_steps} steps"], gaps)]
     rows = budget_rows(short)

@@ -211,7 +211,12 @@ def test_convergence_check_is_reported_apart_and_never_mixed_into_recipes(tmp_pa
     for seed in (0, 1, 2):  # 800 steps: the baseline gains 10 points, the student nothing
         for method, acc in (("supervised", 0.6 + 0.01 * seed), ("ours", 0.55 + 0.01 * (seed - 1) ** 2 + wobble[seed])):
             cfg = {**_config("finetune", method, seed, NOISE, "noise_strong"), "trainer": {"max_steps": 800}}
-            _write(study_root / "finetune" / f"{method}_long_s{seed}", cfg, {"test/acc1": acc})
+            run = _write(study_root / "finetune" / f"{method}_long_s{seed}", cfg, {"test/acc1": acc})
+            # val over the long run: the baseline flat in its last quarter, the student still rising
+            end = 0.6 + 0.01 * seed if method == "supervised" else 0.65 + 0.001 * seed
+            (run / "csv").mkdir()
+            pd.DataFrame({"step": [199, 399, 599, 799], "val/acc1": [0.5, 0.55, 0.6, end]}).to_csv(
+                run / "csv" / "metrics.csv", index=False)
     text = _report(study_root, tmp_path / "after")
     recipe_row = lambda t: next(r for r in t.splitlines() if r.startswith("| fixed: noise_strong |"))  # noqa: E731
     assert recipe_row(text) == recipe_row(before)
@@ -220,8 +225,10 @@ def test_convergence_check_is_reported_apart_and_never_mixed_into_recipes(tmp_pa
     rows = [r for r in text.splitlines() if r.startswith("| fixed: noise_strong | 0.1 |")]
     base = next(r for r in rows if "| baseline |" in r)
     student = next(r for r in rows if "| student |" in r)
-    assert base.endswith(": gains |") and "| 50.0 ± 0.0 % | 61.0 ± 1.0 % |" in base, base
-    assert student.endswith(": no significant difference |"), student
+    assert "| 50.0 ± 0.0 % | 61.0 ± 1.0 % |" in base and base.split(" | ")[-2].endswith(": gains"), base
+    assert student.split(" | ")[-2].endswith(": no significant difference"), student
+    assert "Long run: val, step 600 → 800" in text  # the long runs' last quarter, from their curves
+    assert base.endswith(": no significant difference |") and student.endswith(": still rising |"), (base, student)
     gap = next(r for r in text.splitlines() if r.startswith("| fixed: noise_strong | 0.1 | +"))
     assert gap.split(" | ")[3].startswith("-"), gap  # the 5-point lead at 200 steps is gone at 800
     assert "## Fine-tune budget: student − baseline val accuracy early" in text
