@@ -36,7 +36,7 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check distortkd tests experiments
 
-# The main job, offline: the whole method on real Fashion-MNIST in <= 15 min on 2 CPU cores.
+# The main job, offline: the whole method on real Fashion-MNIST, 10 min for one seed on 2 idle CPU cores.
 SEEDS ?= 1
 FAST ?= 0
 demo: install fashion-mnist
