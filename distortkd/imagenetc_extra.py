@@ -214,7 +214,7 @@ def fog(images: Tensor, param: tuple, draw: Draw) -> Tensor:
     size = max(256, 1 << (max(h, w) - 1).bit_length())
     # A few maps at a time: 1,000 float64 256² maps are 0.5 GB per temporary, and the page faults of
     # allocating them took more time than the arithmetic (1,000 images: 22 s, half of it system
-    # time; 16 at a time: see README "Speed"). Each map depends on its own seed only, so the maps
+    # time; 16 at a time: 11 s, README demo "Time"). Each map depends on its own seed only, so the maps
     # are the same.
     chunk = max(1, _FOG_BYTES // (size * size * 8))
     plasma = torch.cat([plasma_fractal(draw.rows(r, r + chunk), size, decay, stream=300)[:, None, :h, :w]
