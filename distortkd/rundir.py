@@ -61,14 +61,16 @@ def compared(config: dict, *, seed: bool = True) -> dict:
             if not (k.startswith(skip) or f"{k}." in skip) and (seed or k != "seed")}
 
 
-def _rooted(config: dict) -> dict:
-    """``compared(config)`` with each path under the config's own run root (``paths.root``) written
-    as ``<runs>/…``: a run root moved or copied elsewhere still holds the same settings."""
+def _rooted(config: dict, *, seed: bool = True) -> dict:
+    """``compared(config, seed=seed)`` with each path under the config's own run root
+    (``paths.root``) written as ``<runs>/…``: a run root moved or copied elsewhere still holds the
+    same settings. Only whole leading path components match (``/runs-old`` is not under ``/runs``)."""
     root = str((config.get("paths") or {}).get("root") or "").rstrip("/")
+    flat_ = compared(config, seed=seed)
     if not root:
-        return compared(config)
+        return flat_
     return {k: "<runs>" + v[len(root):] if isinstance(v, str) and (v == root or v.startswith(root + "/")) else v
-            for k, v in compared(config).items()}
+            for k, v in flat_.items()}
 
 
 def differences(old: dict, new: dict) -> list[str]:
@@ -291,14 +293,11 @@ def setting(config: dict) -> dict:
     copies of it (``data.seed: ${seed}``) and run names in paths (``…_s3/checkpoints``). Paths
     under the run root are written relative to it, so two run roots can hold the same setting.
     """
-    seed, root = config.get("seed"), (config.get("paths") or {}).get("root")
+    seed = config.get("seed")
     seed_name = re.compile(rf"_s{re.escape(str(seed))}(?=[/_.]|$)")
     out = {}
-    for key, value in compared(config, seed=False).items():
+    for key, value in _rooted(config, seed=False).items():
         if key.endswith(".seed") and value == seed:
             continue
-        if isinstance(value, str):
-            value = value.replace(root, "<runs>") if isinstance(root, str) and root else value
-            value = seed_name.sub("_s<seed>", value)
-        out[key] = value
+        out[key] = seed_name.sub("_s<seed>", value) if isinstance(value, str) else value
     return out

@@ -398,3 +398,15 @@ def test_a_moved_run_root_holds_the_same_settings_but_another_upstream_does_not(
     prefix_only = {**old, "demo": {"teacher_ckpt": "/tmp/demo-after-2/teacher.ckpt"}}  # not under the root
     assert rundir.differences(prefix_only, {**moved, "demo": {"teacher_ckpt": "experiments/demo/runs-2/teacher.ckpt"}}) \
         == ["demo.teacher_ckpt"]
+
+
+def test_setting_pools_a_moved_root_but_not_a_sibling_folder():
+    """``setting`` (which runs may pool) writes paths under the run root relative to it, by whole
+    path components: a sibling folder whose name only starts with the root's is another upstream."""
+    def cfg(root, ckpt, seed=0):
+        return {"paths": {"root": root}, "seed": seed, "demo": {"teacher_ckpt": ckpt}}
+    a = rundir.setting(cfg("/r", "/r/demo/finetune/teacher_s0/last.ckpt"))
+    assert a == rundir.setting(cfg("/elsewhere/r2", "/elsewhere/r2/demo/finetune/teacher_s1/last.ckpt", seed=1))
+    assert a["demo.teacher_ckpt"] == "<runs>/demo/finetune/teacher_s<seed>/last.ckpt"
+    assert rundir.setting(cfg("/r", "/r-old/demo/finetune/teacher_s0/last.ckpt"))["demo.teacher_ckpt"] \
+        == "/r-old/demo/finetune/teacher_s<seed>/last.ckpt"
