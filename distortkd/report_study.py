@@ -153,6 +153,13 @@ def _at(val: pd.Series, step: int) -> pd.Series:
     return val.xs(step, level="steps")
 
 
+def _late_change(val: pd.Series, steps: list[int], since: float) -> tuple[int, Paired]:
+    """The check nearest step ``since`` and, paired on seeds, the val accuracy at the last check
+    minus that at it (``val`` indexed by seed and steps)."""
+    back = min(steps, key=lambda s: abs(s - since))
+    return back, paired(_at(val, steps[-1]), _at(val, back))
+
+
 def budget_rows(tuned: pd.DataFrame) -> list[dict]:
     """Per recipe and label fraction: the val gap at the first check and at the end, the test gap
     (best-val checkpoint), and each method's val change over the last ~100 steps (paired on seeds)."""
@@ -166,12 +173,12 @@ def budget_rows(tuned: pd.DataFrame) -> list[dict]:
             val = c.groupby(["method", "seed", "steps"])["val"].mean()
             steps = sorted(c["steps"].unique())
             first, last = steps[0], steps[-1]
-            back = min(steps, key=lambda s: abs(s - (last - 100)))
             s, b = val["ours"], val["supervised"]
+            back, rise_base = _late_change(b, steps, last - 100)
+            _, rise_ours = _late_change(s, steps, last - 100)
             out.append({"recipe": label(key), "fraction": fraction, "first": first, "last": last, "back": back,
                         "early": paired(_at(s, first), _at(b, first)), "end": paired(_at(s, last), _at(b, last)),
-                        "test": at_training(tuned, key, fraction),
-                        "rise_base": paired(_at(b, last), _at(b, back)), "rise_ours": paired(_at(s, last), _at(s, back))})
+                        "test": at_training(tuned, key, fraction), "rise_base": rise_base, "rise_ours": rise_ours})
     return out
 
 
@@ -200,8 +207,7 @@ def convergence_rows(short: pd.DataFrame, long: pd.DataFrame) -> list[dict]:
                 if len(part):
                     val = part.groupby(["seed", "steps"])["val"].mean()
                     steps = sorted(part["steps"].unique())
-                    back = min(steps, key=lambda s: abs(s - 0.75 * steps[-1]))
-                    row["plateau"] = paired(_at(val, steps[-1]), _at(val, back))
+                    back, row["plateau"] = _late_change(val, steps, 0.75 * steps[-1])
                     row["plateau_steps"] = (back, steps[-1])
                 out.append(row)
             out.append({"recipe": label(key), "fraction": fraction, "who": "gap",
