@@ -156,7 +156,7 @@ def recipes(tuned: pd.DataFrame, fraction: float) -> list[tuple]:
     s = _students(tuned[tuned["data.label_fraction"].eq(fraction)])
     order = {k: i for i, (_, k) in enumerate((("", "fixed"), *KINDS))}
     keys = sorted({tuple(r) for r in s[RECIPE].itertuples(index=False)},
-                  key=lambda r: (r[2] != MAIN_LOSS, order[kind(r[0])], r[0]))
+                  key=lambda r: (r[2] != MAIN_LOSS, order[kind(r[0])], *r))
     return keys
 
 
