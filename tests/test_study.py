@@ -232,3 +232,16 @@ def test_convergence_check_is_reported_apart_and_never_mixed_into_recipes(tmp_pa
     gap = next(r for r in text.splitlines() if r.startswith("| fixed: noise_strong | 0.1 | +"))
     assert gap.split(" | ")[3].startswith("-"), gap  # the 5-point lead at 200 steps is gone at 800
     assert "## Fine-tune budget: student − baseline val accuracy early" in text
+
+
+def test_recipe_order_is_the_same_under_every_hash_seed():
+    """Loss ablations of one recipe tie on everything but the loss: their order must not depend on
+    set iteration (PYTHONHASHSEED), or two report builds of the same runs differ."""
+    code = ("import pandas as pd; from distortkd import study_analysis as s; "
+            "rows = [('ours', 'study_mixed', 'study_mixed', l, 0.1) for l in "
+            "('global_local', 'multilevel', 'global', 'global_attn')]; "
+            "df = pd.DataFrame(rows, columns=['method', *s.RECIPE, 'data.label_fraction']); "
+            "print([k[2] for k in s.recipes(df, 0.1)])")
+    orders = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip() for seed in range(6)}
+    assert orders == {"['multilevel', 'global', 'global_attn', 'global_local']"}
