@@ -116,6 +116,7 @@ def check_evaluate(cfg: DictConfig) -> None:
         if family not in accepted:
             raise unknown("evaluation family", family, accepted)
     _positive(cfg, "diagnostics.max_batches", integer=True)
+    _non_negative(cfg, "memo_mib")
     _non_negative(cfg, "attention.num_images", integer=True)
 
 

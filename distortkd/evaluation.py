@@ -7,12 +7,16 @@ clean images (for the evaluated model and for the untouched teacher on the disto
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
 
 from distortkd import benchmarks, distortions
 from distortkd.checkpoints import load_checkpoint
@@ -20,7 +24,7 @@ from distortkd.diagnostics import RepresentationMeter
 from distortkd.draws import sample_seeds
 from distortkd.errors import UserError
 from distortkd.modules import FinetuneModule
-from distortkd.vit import Encoder, FrozenTeacher
+from distortkd.vit import Encoder, Features, FrozenTeacher
 
 
 def grid_cells(cfg: DictConfig) -> list[tuple[str, float, distortions.Distortion]]:
@@ -60,6 +64,103 @@ def load_finetuned(cfg: DictConfig, build_model, num_classes: int, path: Path) -
     return module
 
 
+def digest(*tensors: Tensor) -> bytes:
+    """A content hash of tensors: dtype, shape and bytes (128-bit BLAKE2b)."""
+    h = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        t = t.detach()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
+    return h.digest()
+
+
+class Memo:
+    """What the jobs of one ``distortkd-evaluate -m`` process compute identically, kept in memory:
+    the corrupted test batches (the same test images and per-sample seeds for every method and
+    checkpoint of a sweep) and the untouched teacher's features on them (the same teacher). Keys
+    are content hashes (``digest``) of the inputs, of the distortion's fields and of the teacher's
+    weights, so a hit returns what the computation would (tested against a run without the memo).
+
+    Filled until ``max_bytes`` and never evicted: a sweep reads its cells in the order it wrote
+    them, so with a least-recently-used rule the second job would miss every cell once the memo
+    is full. ``memo_mib: 0`` (evaluate.yaml's default) turns it off.
+    """
+
+    def __init__(self, max_bytes: int = 0):
+        self.max_bytes, self.bytes, self.hits, self.misses = max_bytes, 0, 0, 0
+        self._store: dict[tuple, object] = {}
+
+    def get(self, key: tuple, compute: Callable[[], object]) -> object:
+        if key in self._store:
+            self.hits += 1
+            return self._store[key]
+        self.misses += 1
+        value = compute()
+        size = sum(t.nbytes for t in _tensors(value))
+        if self.bytes + size <= self.max_bytes:
+            self._store[key], self.bytes = value, self.bytes + size
+        return value
+
+    def distortion(self, dist: distortions.Distortion) -> Callable:
+        """``dist`` with its seeded calls memoised; unchanged when the memo is off, or when its
+        fields may not tell two settings apart (``_spelled_out``)."""
+        if not self.max_bytes or not _spelled_out(dist):
+            return dist
+        name = f"{type(dist).__module__}.{type(dist).__qualname__}:{dist!r}"
+
+        def call(images: Tensor, seeds: Tensor | None = None) -> Tensor:
+            if seeds is None:  # unseeded draws are fresh on every call: never reuse them
+                return dist(images, seeds)
+            return self.get(("distort", name, digest(images, seeds)), lambda: dist(images, seeds))
+
+        return call
+
+    def teacher(self, teacher: FrozenTeacher, spec: str) -> Callable[[Tensor], Features]:
+        """``teacher.features`` memoised by the model's config ``spec`` (the architecture: two
+        head counts can share weight shapes), its parameters and buffers (the weights, the input
+        normalisation) and the input."""
+        if not self.max_bytes:
+            return teacher.features
+        key = ("teacher", spec, digest(*teacher.parameters(), *teacher.buffers()))
+        return lambda images: self.get((*key, digest(images)), lambda: teacher.features(images))
+
+
+def _spelled_out(value) -> bool:
+    """Whether ``repr(value)`` names every setting it computes with: plain values, containers of
+    them, and dataclasses (decorated themselves, every attribute a field) made of them. A class
+    that keeps state outside its fields, or a tensor field (its repr elides values), is not."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (tuple, list)):
+        return all(map(_spelled_out, value))
+    if isinstance(value, dict):
+        return all(_spelled_out(k) and _spelled_out(v) for k, v in value.items())
+    if not (dataclasses.is_dataclass(value) and "__dataclass_fields__" in type(value).__dict__):
+        return False
+    names = {f.name for f in dataclasses.fields(value)}
+    state = getattr(value, "__dict__", None)
+    return (state is not None and set(state) <= names
+            and all(_spelled_out(getattr(value, n)) for n in names))
+
+
+def _tensors(value) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    return [t for t in value if isinstance(t, Tensor)]  # Features
+
+
+_MEMO = Memo()  # the process's: a Hydra sweep runs its jobs one after the other in one process
+
+
+def process_memo(max_mib: float) -> Memo:
+    """The process's memo, with this job's cap (``memo_mib``); 0 empties it."""
+    global _MEMO
+    if not max_mib:
+        _MEMO = Memo()
+    _MEMO.max_bytes = int(max_mib * 2**20)
+    return _MEMO
+
+
 class Diagnostics:
     """What a test pass measures besides top-1 (``FinetuneModule.test_observer``): diagnostics of
     the evaluated encoder, and of the untouched teacher, on the first ``max_batches`` distorted
@@ -68,11 +169,14 @@ class Diagnostics:
 
     ``clean_cache`` (batch number → teacher features on the clean batch) is shared by the cells of
     one grid: the test loader is unshuffled, so every cell's batch i is the same clean images.
+    ``on_distorted``: the teacher's features on a distorted batch (``Memo.teacher``).
     """
 
-    def __init__(self, teacher: FrozenTeacher, max_batches: int, clean_cache: dict | None = None):
+    def __init__(self, teacher: FrozenTeacher, max_batches: int, clean_cache: dict | None = None,
+                 on_distorted: Callable[[Tensor], Features] | None = None):
         self.teacher, self.max_batches = teacher, max_batches
         self.clean_cache = {} if clean_cache is None else clean_cache
+        self.on_distorted = teacher.features if on_distorted is None else on_distorted
         self.ours, self.base = RepresentationMeter(), RepresentationMeter()
 
     @torch.no_grad()
@@ -82,7 +186,7 @@ class Diagnostics:
         cache = self.clean_cache
         clean = cache[i] if i in cache else cache.setdefault(i, self.teacher.features(images))
         self.ours.update(features, clean)
-        self.base.update(self.teacher.features(distorted), clean)
+        self.base.update(self.on_distorted(distorted), clean)
 
     def compute(self) -> dict:
         return {**self.ours.compute(), **{f"teacher_{k}": v for k, v in self.base.compute().items()}}
@@ -116,10 +220,13 @@ def evaluate_grid(cfg: DictConfig, run_dir: Path, build_model, checkpoint: Path)
     wanted = cfg.diagnostics.teacher and (stored is None or cfg.attention.num_images)
     teacher = (FrozenTeacher(build_model(cfg.model, trust=cfg.get("trust_checkpoint", False))).to(device)
                if wanted else None)
+    memo = process_memo(cfg.get("memo_mib") or 0)  # null: off
+    spec = OmegaConf.to_yaml(cfg.model, resolve=True)
+    on_distorted = memo.teacher(teacher, spec) if teacher is not None else None
     rows, metrics, clean_cache = [], {}, {}
     for name, severity, dist in grid_cells(cfg):
-        module.distortion, module.test_prefix = dist, f"test/{name}/{severity:g}"
-        diag = (Diagnostics(teacher, cfg.diagnostics.max_batches, clean_cache)
+        module.distortion, module.test_prefix = memo.distortion(dist), f"test/{name}/{severity:g}"
+        diag = (Diagnostics(teacher, cfg.diagnostics.max_batches, clean_cache, on_distorted)
                 if teacher is not None and module.encoder.is_vit and stored is None else None)
         module.test_observer = diag
         if stored is None:
@@ -134,6 +241,9 @@ def evaluate_grid(cfg: DictConfig, run_dir: Path, build_model, checkpoint: Path)
         rows.append(row)
         metrics[f"{module.test_prefix}/acc1"] = acc
         print(f"{name:>18s} {severity:>6g}  acc1={acc:.4f}", flush=True)
+    if memo.max_bytes:
+        print(f"memo_mib, this process so far: {memo.hits} hits, {memo.misses} misses, "
+              f"{memo.bytes / 2**20:.0f} of {memo.max_bytes / 2**20:.0f} MiB held", flush=True)
     if cfg.attention.num_images and teacher is not None and module.encoder.is_vit:
         _save_attention(cfg, run_dir, module, teacher, datamodule, build_model, device)
     extra = {} if stored is None else _benchmark_summary(stored)

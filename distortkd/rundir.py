@@ -38,7 +38,7 @@ STATUSES = ("ok", "failed", "stopped")
 # Settings that change how a run executes, not what it computes: they may differ on a resume and
 # between the seeds of one table cell.
 EXECUTION_ONLY = ("resume", "paths.", "logger.", "checkpoint.", "data.num_workers", "data.pin_memory",
-                  "data.cache_dir", "threads", "callbacks.", "provenance.", "allow_unfinished",
+                  "data.cache_dir", "threads", "memo_mib", "callbacks.", "provenance.", "allow_unfinished",
                   "trust_checkpoint")
 # Names and paths derived from other settings (they carry the seed): never compared.
 DERIVED = ("run_name", "names.", "pretrain.run_dir", "finetune_run", "optimize_metric")

@@ -145,9 +145,8 @@ def ratios(label: str, a: Result, b: Result) -> dict[str, float]:
 
 
 def train_step(b: Bench, params, loss_of: Callable[..., Tensor], compile: bool) -> Callable:
-    """One optimiser step ``step(*inputs)`` with AdamW (fused on CUDA, foreach on CPU)."""
-    fused = b.device.type == "cuda"
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=fused or None, foreach=not fused)
+    """One optimiser step ``step(*inputs)`` with fused AdamW, as ``conf/optim`` trains."""
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     scaler = torch.amp.GradScaler(b.device.type, enabled=b.dtype is torch.float16)
     forward = torch.compile(loss_of) if compile else loss_of
 

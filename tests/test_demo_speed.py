@@ -114,3 +114,110 @@ def test_fog_in_chunks_is_fog_in_one_batch(monkeypatch, maps_per_chunk):
     one = imagenetc_extra.fog(images, (1.5, 2), draws.Draw(images, seeds))
     monkeypatch.setattr(imagenetc_extra, "_FOG_BYTES", maps_per_chunk * 256 * 256 * 8)
     assert torch.equal(imagenetc_extra.fog(images, (1.5, 2), draws.Draw(images, seeds)), one)
+
+
+def _job(student, teacher, images, cells, memo):
+    """One sweep job's grid: each cell's seeded distortion and diagnostics, through ``memo``."""
+    from omegaconf import OmegaConf
+
+    spec = OmegaConf.to_yaml(OmegaConf.create({"name": "tiny", "embed_dim": 32}))
+    on_distorted = memo.teacher(teacher, spec)
+    out, clean_cache = [], {}  # the grid's, per job
+    for dist in cells:
+        diag = Diagnostics(teacher, 2, clean_cache, on_distorted)
+        call = memo.distortion(dist)
+        for i in (0, 1):
+            x, idx = images[4 * i:4 * i + 4], torch.arange(4 * i, 4 * i + 4)
+            distorted = call(x, draws.sample_seeds(idx, 0))
+            diag(i, x, distorted, student.features(distorted))
+        out.append(diag.compute())
+    return out
+
+
+def test_memo_shares_one_sweeps_corruptions_and_teacher_features_without_changing_a_diagnostic(monkeypatch):
+    """Two jobs of a sweep (two students, each with its own copy of the teacher, as Hydra builds
+    them): with the memo, the second job neither corrupts nor runs the teacher on the distorted
+    images again, and every diagnostic is the one computed without it."""
+    from distortkd.evaluation import Memo
+
+    torch.manual_seed(0)
+    kw = dict(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=1, num_heads=2, num_classes=0)
+    students = [build_vit("vit_tiny_patch16_224", pretrained=False, **kw).eval() for _ in range(2)]
+    weights = build_vit("vit_tiny_patch16_224", pretrained=False, **kw).state_dict()
+
+    def teacher():  # a fresh object per job, the same weights
+        t = _Counting(build_vit("vit_tiny_patch16_224", pretrained=False, **kw))
+        t.encoder.load_state_dict(weights)
+        return t
+
+    images = torch.rand(8, 1, 28, 28)
+    cells = [distortions.at_severity("gaussian_noise", 0.5), distortions.at_severity("gaussian_noise", 0.75),
+             distortions.at_severity("mask", 0.9)]
+    applied = []
+    for cls in {type(c) for c in cells}:
+        monkeypatch.setattr(cls, "apply", (lambda f: lambda self, x, d: (applied.append(self), f(self, x, d))[1])(cls.apply))
+    plain = [_job(s, teacher(), images, cells, Memo(0)) for s in students]
+    assert len(applied) == 2 * len(cells) * 2  # jobs × cells × batches
+    applied.clear()
+    _Counting.seen = 0
+    memo = Memo(1 << 30)
+    shared = [_job(s, teacher(), images, cells, memo) for s in students]
+    assert shared == plain
+    assert len(applied) == len(cells) * 2  # the first job only
+    # the teacher: the clean batches once per job (the grid's clean cache), the distorted ones once
+    assert _Counting.seen == 2 * 8 + len(cells) * 8
+    assert (memo.hits, memo.misses) == (2 * len(cells) * 2, 2 * len(cells) * 2)
+
+
+def test_memo_never_returns_another_settings_result():
+    """Another severity, other seeds, other images, another teacher (weights, input normalisation
+    or architecture) miss; unseeded draws and distortions whose repr may hide a setting are never
+    kept; past its cap the memo computes without keeping."""
+    from dataclasses import dataclass
+
+    from distortkd.evaluation import Memo
+    from distortkd.vit import FrozenTeacher
+
+    memo = Memo(1 << 30)
+    x, seeds = torch.rand(4, 1, 28, 28), torch.arange(4)
+    noise = memo.distortion(distortions.at_severity("gaussian_noise", 0.5))
+    a = noise(x, seeds)
+    assert torch.equal(noise(x, seeds), a) and memo.hits == 1
+    for other in (memo.distortion(distortions.at_severity("gaussian_noise", 0.75))(x, seeds),
+                  noise(x, seeds + 1), noise(x.flip(0), seeds)):
+        assert not torch.equal(other, a)
+    assert memo.hits == 1
+    assert not torch.equal(noise(x), noise(x))  # unseeded: a fresh draw every call
+
+    @dataclass(frozen=True)
+    class Hidden(distortions.Distortion):  # keeps a setting outside its fields
+        def __init__(self, k):
+            object.__setattr__(self, "k", k)
+
+        def apply(self, images, draw):
+            return images * self.k
+
+    hidden = Hidden(2.0)
+    assert memo.distortion(hidden) is hidden
+    stranger = lambda images, seeds=None: images  # noqa: E731
+    assert memo.distortion(stranger) is stranger
+
+    torch.manual_seed(0)
+    kw = dict(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=1, num_classes=0)
+    base = FrozenTeacher(build_vit("vit_tiny_patch16_224", pretrained=False, num_heads=2, **kw))
+    ref = memo.teacher(base, "heads: 2")(x).cls
+    moved = FrozenTeacher(build_vit("vit_tiny_patch16_224", pretrained=False, num_heads=2, **kw))
+    moved.load_state_dict(base.state_dict())
+    moved.encoder.mean.fill_(0.25)  # a buffer outside state_dict: the input normalisation
+    four = FrozenTeacher(build_vit("vit_tiny_patch16_224", pretrained=False, num_heads=4, **kw))
+    four.load_state_dict(base.state_dict())  # same shapes, another architecture
+    for teacher, spec in ((moved, "heads: 2"), (four, "heads: 4")):
+        assert not torch.equal(memo.teacher(teacher, spec)(x).cls, ref)
+    hits = memo.hits
+    assert torch.equal(memo.teacher(base, "heads: 2")(x).cls, ref) and memo.hits == hits + 1
+
+    tiny = Memo(100)  # smaller than one batch: nothing kept, every result still computed
+    noisy = tiny.distortion(distortions.at_severity("gaussian_noise", 0.5))
+    assert torch.equal(noisy(x, seeds), a) and torch.equal(noisy(x, seeds), a)
+    assert (tiny.hits, tiny.misses, tiny.bytes) == (0, 2, 0)
+    assert Memo(0).distortion(noise) is noise

@@ -12,6 +12,10 @@ seeds=$(seq -s, 0 $((SEEDS - 1)))
 export DISTORTKD_RUNS=${DISTORTKD_RUNS:-experiments/demo/runs}
 OUT=${DEMO_OUT:-experiments/demo}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+# glibc's malloc returns freed activations to the kernel and page-faults them back every step; a
+# higher mmap/trim threshold keeps them in the heap: -2 % per train step, half the system time
+# (README demo "Time"). Other C libraries ignore the variable.
+export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_threshold=67108864:glibc.malloc.trim_threshold=268435456}
 # Every stage runs one torch thread per process (threads=1 in the demo's config) and two processes
 # at a time; the teacher, alone, uses every core (2 threads: 1.7x faster than 1 for this model,
 # `python experiments/demo/bench_cpu.py`).
@@ -28,7 +32,7 @@ if [ "$FAST" = 1 ]; then  # a smoke run of every stage on a few cells (what the 
   finetune=(distortion=noise_strong data.label_fraction=0.5 trainer.max_steps=6 trainer.val_check_interval=3)
   evaluate=(distortion=noise_strong data.label_fraction=0.5)
   knn=(distortion=noise_strong pretrain.distortion=noise_strong,mixed_demo)
-  heldout=(data.label_fraction=0.5)  # ours only (eval_lane)
+  heldout=(data.label_fraction=0.5 method=ours)
 fi
 
 start=$(date +%s)
@@ -74,22 +78,21 @@ students_ready() {  # k-NN scores every student: wait for lane A's distillation
 }
 both lane_a lane_b
 
-step "4/5 evaluation on the 10k test images (training severity and beyond), then the held-out
-     ImageNet-C style corruptions for the noise-trained models: A the distilled, B the supervised"
+step "4/5 evaluation: A the held-out ImageNet-C style corruptions for the noise-trained models,
+     B the 10k test images at the training severity and beyond; each lane scores both methods in
+     one process, which share the corrupted images and the teacher's features (memo_mib)"
 # The held-out suite is every registered ImageNet-C corruption that applies to grey 28-px images:
 # saturate is left out (it changes colour saturation; a grey image has none), and frost unless
 # DISTORTKD_FROST_DIR holds the benchmark's frost photographs (the demo ships none).
-eval_lane() {  # FAST=1 scores the held-out suite with the distilled model only
-  timed "evaluation ($1)" $BIN/distortkd-evaluate -m experiment=demo_evaluate seed="$seeds" method="$1" \
-    "${fast[@]}" "${evaluate[@]}" &&
-  if [ "$FAST" != 1 ] || [ "$1" = ours ]; then
-    timed "held-out ($1)" $BIN/distortkd-evaluate -m experiment=demo_heldout seed="$seeds" method="$1" \
-      "${fast[@]}" "${heldout[@]}"
-  fi
+eval_heldout() {
+  timed "held-out (both methods)" $BIN/distortkd-evaluate -m experiment=demo_heldout seed="$seeds" \
+    "${fast[@]}" "${heldout[@]}"
 }
-eval_ours() { eval_lane ours; }
-eval_supervised() { eval_lane supervised; }
-both eval_ours eval_supervised
+eval_grid() {
+  timed "evaluation (both methods)" $BIN/distortkd-evaluate -m experiment=demo_evaluate seed="$seeds" \
+    "${fast[@]}" "${evaluate[@]}"
+}
+both eval_heldout eval_grid
 
 step "report"
 timed report $BIN/distortkd-report "$DISTORTKD_RUNS/demo" --layout demo --out "$OUT"

@@ -15,6 +15,8 @@ SEEDS=${SEEDS:-3}
 FAST=${FAST:-0}
 seeds=$(seq -s, 0 $((SEEDS - 1)))
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+# glibc malloc thresholds that keep freed activations in the heap (see experiments/demo/run.sh)
+export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_threshold=67108864:glibc.malloc.trim_threshold=268435456}
 
 fixed=mask_strong,noise_strong,blur_demo        # the strong presets: fine-tune target of fixed and range
 mixes=study_mixed,study_lofo_mask,study_lofo_noise,study_lofo_blur  # fine-tuned on their own mix
