@@ -123,16 +123,21 @@ def upstream(cfg: DictConfig) -> dict:
     status ok): never a student or a fine-tune that was killed mid-epoch, unless
     ``allow_unfinished=true`` (recorded too).
     """
+    allow = cfg.get("allow_unfinished", False)
+    # The model's own weights file (the demo's teacher, a local copy of a hub checkpoint): what the
+    # teacher, or the supervised baseline's start, is. A missing file is the model builder's error.
+    weights = cfg.model.get("weights_file")
+    out = {"weights": rundir.checked_upstream(Path(weights), allow)} if weights and Path(weights).is_file() else {}
     if cfg.task == "finetune":
         path = resolve_init(cfg)
-        return {} if path is None else {"init": rundir.checked_upstream(Path(path), cfg.get("allow_unfinished", False))}
+        return out if path is None else {"init": rundir.checked_upstream(Path(path), allow), **out}
     if cfg.task == "evaluate":
         name = "best.ckpt" if cfg.finetune.test_ckpt == "best" else "last.ckpt"
         path = Path(cfg.finetune_run) / "checkpoints" / name if cfg.ckpt == "auto" else Path(cfg.ckpt)
         if not path.is_file():
             raise UserError(f"checkpoint {str(path)!r} does not exist; run the finetune job first or pass ckpt=")
-        return {"checkpoint": rundir.checked_upstream(path, cfg.get("allow_unfinished", False))}
-    return {}
+        return {"checkpoint": rundir.checked_upstream(path, allow), **out}
+    return out
 
 
 def provenance(cfg: DictConfig) -> dict:

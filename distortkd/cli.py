@@ -180,10 +180,14 @@ def _main(cfg: DictConfig, run) -> float:
             lock.acquire()
         if cfg.get("resume", True):
             rundir.check_folder(run_dir, OmegaConf.to_container(cfg, resolve=True))
-        owned = True  # from here on, what goes wrong is recorded in the folder
         if (done := _finished(cfg, run_dir)) is not None:
+            if (why := rundir.stale(rundir.read_config(run_dir)[0] or done.get("config") or {}, run_dir)):
+                _JOBS.append("failed")  # its folder keeps its results; the report leaves them out
+                return _refuse(f"{run_dir} is finished but {why}; accepted: resume=false to run it again "
+                               "on the new checkpoint, or the old checkpoint back", multirun)
             _JOBS.append("ok")
             return float(done.get(cfg.optimize_metric, math.nan))
+        owned = True  # from here on, what goes wrong is recorded in the folder
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         if cfg.get("threads"):
             torch.set_num_threads(int(cfg.threads))

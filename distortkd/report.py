@@ -62,7 +62,9 @@ def _document(opts, runs: pd.DataFrame, sections: list, made: list, skipped: lis
     lines = ["# distortkd results", "",
              f"{len(runs)} run folders under {', '.join(map(str, opts.dirs))}: {n.get('ok', 0)} "
              f"finished, {n.get('failed', 0)} failed, {n.get('stopped', 0)} stopped, "
-             f"{n.get('missing', 0)} without metrics.json.", "", *sections]
+             f"{n.get('missing', 0)} without metrics.json"
+             + (f", {n['stale']} stale (built on a checkpoint that has changed since)" if n.get("stale") else "")
+             + ".", "", *sections]
     lines += ["## Figures", "", *(f"- `{p.name}`" for p in made), ""] if made else []
     lines += ["## Skipped", "", *skipped, ""] if skipped else []
     note = "Run folders that give a table no value, and why (their cells are listed as missing)."

@@ -161,7 +161,9 @@ def checked_upstream(path: Path, allow_unfinished: bool = False) -> dict:
         UserError: the checkpoint belongs to a run that did not finish (metrics.json status not
             ok, or none), unless ``allow_unfinished`` (then a warning on stderr).
     """
-    record = {"path": str(path.resolve()), "sha256": sha256(path)}
+    stat = path.stat()
+    record = {"path": str(path.resolve()), "sha256": sha256(path), "size": stat.st_size,
+              "mtime_ns": stat.st_mtime_ns}
     run = path.parent.parent if path.parent.name == "checkpoints" else None
     if run is None or not ((run / "config.yaml").is_file() or (run / "metrics.json").is_file()):
         return record  # a file from elsewhere: nothing to check it against
@@ -175,6 +177,57 @@ def checked_upstream(path: Path, allow_unfinished: bool = False) -> dict:
                             "command, or pass allow_unfinished=true to use it anyway (recorded in config.yaml)")
         print(f"warning: using {path} of an unfinished run ({reason}): allow_unfinished=true", file=sys.stderr)
     return record
+
+
+def stale(config: dict, run_dir: Path) -> str | None:
+    """Why a finished run's results no longer follow from what it was built on: a checkpoint its
+    ``provenance`` recorded (path and SHA-256) that holds other bytes now (a teacher, student or
+    fine-tune made again in the same place). None when every recorded checkpoint is unchanged, or
+    gone (a deleted file changes nothing that was computed; made again, it is compared then).
+
+    A checkpoint recorded under another run's folder is looked for at its recorded path, then at the
+    same place under this run's own root (a run root moved or copied as a whole). The SHA-256 is
+    recomputed only when the file's size or modification time differs from the record (records
+    without them, older than this check, are always hashed; once per file and version per process).
+    """
+    for what, record in (config.get("provenance") or {}).items():
+        if not (isinstance(record, dict) and record.get("path") and record.get("sha256")):
+            continue
+        path = _located(record, run_dir)
+        if path is None:
+            continue
+        stat = path.stat()
+        if (record.get("size"), record.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns):
+            continue
+        now = _sha256_cached(path, stat)
+        if now != record["sha256"]:
+            return (f"built on {path} (provenance.{what}), which has changed since: sha256 "
+                    f"{record['sha256'][:12]} then, {now[:12]} now")
+    return None
+
+
+def _located(record: dict, run_dir: Path) -> Path | None:
+    """The recorded checkpoint's file now: at its path, or under this run's root (moved root)."""
+    path = Path(record["path"])
+    if path.is_file():
+        return path
+    if not record.get("run"):
+        return None
+    try:  # <root>/<experiment>/<task>/<run>: the recorded run's root, and this run's
+        moved = Path(run_dir).resolve().parents[2] / path.relative_to(Path(record["run"]).parents[2])
+    except (ValueError, IndexError):
+        return None
+    return moved if moved.is_file() else None
+
+
+_SHAS: dict[tuple, str] = {}
+
+
+def _sha256_cached(path: Path, stat: os.stat_result) -> str:
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHAS:
+        _SHAS[key] = sha256(path)
+    return _SHAS[key]
 
 
 def check_writable(folder: str | Path, what: str = "run folder",

@@ -6,7 +6,8 @@ themselves, are skipped), so a run whose config.yaml was deleted is still found.
 through :mod:`distortkd.rundir`: the config falls back to the copy in ``metrics.json``.
 
 ``status``: ``ok`` (``metrics.json`` says ok, or, written before statuses existed, says nothing),
-``failed`` / ``stopped`` (with ``error``), ``missing`` (no metrics.json: unfinished), and
+``failed`` / ``stopped`` (with ``error``), ``missing`` (no metrics.json: unfinished), ``stale``
+(finished, but a checkpoint it was built on holds other bytes now: ``rundir.stale``), and
 ``failed`` for a folder whose config cannot be read at all. Only ``ok`` runs give values.
 A metric stored as null, NaN or ±inf becomes NaN in the frame and is named in ``bad`` (key →
 ``"null"``, ``"nan"``, ``"inf"``), so that a table can say why the run gave it no value. So does
@@ -130,6 +131,8 @@ def _load_run(run: Path) -> tuple[dict, list[dict]]:
     if cfg is None:  # nothing says what it computed: it can fill no cell
         cfg, status = {}, "failed"
         error = f"config.yaml missing/unreadable ({why})" + (f"; {error}" if error else "")
+    if status == "ok" and (why := rundir.stale(cfg, run)) is not None:
+        status, error = "stale", why  # its numbers belong to a checkpoint that no longer exists
     rec = {key: _get(cfg, key) for key in CONFIG_FIELDS}
     rec.update({k: v for k, v in _flatten(cfg).items() if k not in rec})
     if rec["distortion.family"] is None and isinstance(rec["distortion.name"], str):

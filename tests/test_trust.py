@@ -211,6 +211,79 @@ def test_export_survives_a_corrupt_metrics_json_of_a_finetune(runs, tmp_path, mo
     assert "Fine-tuned from this student" not in (tmp_path / "out" / "README.md").read_text()
 
 
+# ------------------------------------------------------------------ 3. a checkpoint made again in place
+
+
+def _replace(path: Path) -> bytes:
+    """Other bytes at ``path`` (as when its run is made again); returns the old ones."""
+    old = path.read_bytes()
+    path.write_bytes(old + b"\0")
+    return old
+
+
+def test_a_finished_run_built_on_a_replaced_checkpoint_is_refused_and_left_out(runs, monkeypatch, capsys):
+    """A student distilled again in its folder: the fine-tune built on the old one keeps its
+    folder, but its rerun refuses with one line instead of reporting old numbers as the new
+    student's, and the report leaves it out as stale. The old bytes back (a new mtime), it counts
+    again."""
+    from distortkd.runs import load_runs
+
+    _distill(monkeypatch, capsys)
+    code, err = _cli("finetune", [*TINY, "method=ours"], monkeypatch, capsys)
+    assert code == 0, err[-2000:]
+    tuned = _run_folder(runs, "finetune")
+    stored = (tuned / "metrics.json").read_text()
+    init = Path(rundir.read_config(tuned)[0]["provenance"]["init"]["path"])
+    assert load_runs([runs]).set_index("task").loc["finetune", "status"] == "ok"
+    old = _replace(init)
+    code, err = _cli("finetune", [*TINY, "method=ours"], monkeypatch, capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith(f"error: {tuned} is finished but built on {init}"), err[-2000:]
+    assert "(provenance.init), which has changed since" in last and "resume=false" in last
+    assert (tuned / "metrics.json").read_text() == stored  # nothing of it is lost
+    row = load_runs([runs]).set_index("task").loc["finetune"]
+    assert row["status"] == "stale" and "which has changed since" in row["error"]
+    init.write_bytes(old)
+    code, err = _cli("finetune", [*TINY, "method=ours"], monkeypatch, capsys)
+    assert code == 0 and "already finished" in err, err[-2000:]
+    assert load_runs([runs]).set_index("task").loc["finetune", "status"] == "ok"
+
+
+def test_staleness_follows_a_moved_root_and_the_model_weights_file(tmp_path):
+    """The check finds a recorded checkpoint under the run's own root after the root moved (and
+    only a real change there is stale); a deleted one is not stale; the model's weights file (the
+    demo's teacher) is recorded as ``weights`` and checked alike."""
+    from test_cli import _compose
+
+    from distortkd import build
+
+    old_root, new_root = tmp_path / "old", tmp_path / "new"
+    ckpt = old_root / "test" / "distill" / "student" / "checkpoints" / "best.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"student")
+    rundir.write_json(ckpt.parent.parent / "metrics.json", {"status": "ok"})
+    record = rundir.checked_upstream(ckpt)
+    config = {"provenance": {"init": record}}
+    tuned = old_root / "test" / "finetune" / "tuned"
+    assert rundir.stale(config, tuned) is None
+    old_root.rename(new_root)
+    moved, tuned = new_root / "test" / "distill" / "student" / "checkpoints" / "best.ckpt", new_root / "test" / "finetune" / "tuned"
+    assert rundir.stale(config, tuned) is None
+    _replace(moved)
+    assert f"built on {moved} (provenance.init)" in rundir.stale(config, tuned)
+    moved.unlink()
+    assert rundir.stale(config, tuned) is None
+
+    weights = tmp_path / "teacher.ckpt"
+    weights.write_bytes(b"teacher")
+    cfg = _compose("distill", [*TINY, f"model.weights_file={weights}"], root=tmp_path / "runs")
+    recorded = build.upstream(cfg)
+    assert recorded["weights"]["sha256"] == rundir.sha256(weights)
+    assert rundir.stale({"provenance": recorded}, tmp_path / "runs" / "test" / "distill" / "x") is None
+    _replace(weights)
+    assert "(provenance.weights)" in rundir.stale({"provenance": recorded}, tmp_path / "runs" / "test" / "distill" / "x")
+
+
 # ------------------------------------------------------------------ 5. damaged run folders, locks
 
 
