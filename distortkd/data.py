@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import move_data_to_device
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from distortkd import cache as canvases
 from distortkd import owndata, sources
@@ -321,12 +321,17 @@ class ImageDataModule(L.LightningDataModule):
         return HFImages(raw["table"], self.spec.image_key, raw["labels"], index,
                         pil_transform(*args), self._mode, h.max_bad_fraction, f"{self.name} {role}")
 
-    def bank_dataloader(self) -> DataLoader:
+    def bank_dataloader(self, world_size: int = 1, rank: int = 0) -> DataLoader:
         """The train rows in a fixed order with the eval transform (no crop, no flip), whatever
         ``augment``: a k-NN feature bank that does not depend on training-time augmentation, as
-        DINO's ``eval_knn.py`` builds it. Canvas batches still need ``to_images(train=False)``."""
+        DINO's ``eval_knn.py`` builds it. Canvas batches still need ``to_images(train=False)``.
+        With ``world_size`` > 1, rank ``rank``'s shard: rows ``rank, rank + world_size, ...``, the
+        last shard padded from the first rows (``DistributedSampler``, unshuffled)."""
         h = self.hparams
-        return DataLoader(self._build("train", train=False), h.eval_batch_size or h.batch_size,
+        rows = self._build("train", train=False)
+        sampler = (DistributedSampler(rows, num_replicas=world_size, rank=rank, shuffle=False)
+                   if world_size > 1 else None)
+        return DataLoader(rows, h.eval_batch_size or h.batch_size, sampler=sampler,
                           num_workers=h.num_workers, pin_memory=h.pin_memory, collate_fn=collate)
 
     @property

@@ -330,15 +330,20 @@ class FinetuneModule(_Base):
         ``data.augment`` and on the random state, not on the features.
         """
         feats, labels = [], []
-        dm = self.trainer.datamodule
-        for batch in dm.device_batches(dm.bank_dataloader(), self.device):
+        dm, world = self.trainer.datamodule, self.trainer.world_size
+        loader = dm.bank_dataloader(world, self.trainer.global_rank)
+        for batch in dm.device_batches(loader, self.device):
             x = self.distortion(batch["image"], self.seeds(batch))
             feats.append(F.normalize(self.encoder(x).float(), dim=-1))
             labels.append(batch["label"])
         feats, labels = torch.cat(feats), torch.cat(labels)
-        if self.trainer.world_size > 1:
-            feats = self.all_gather(feats).flatten(0, 1)
-            labels = self.all_gather(labels).flatten(0, 1)
+        if world > 1:
+            # Rank r encoded rows r, r + world, ... (its shard; the last rows repeat the first to
+            # even the shards): interleaving the gathered shards gives the one-device bank row for
+            # row, in its order (which breaks top-k ties), and the repeats are cut off.
+            rows = len(loader.dataset)
+            feats = self.all_gather(feats).transpose(0, 1).flatten(0, 1)[:rows]
+            labels = self.all_gather(labels).transpose(0, 1).flatten(0, 1)[:rows]
         return feats, labels
 
     def _knn_scores(self, query: Tensor) -> Tensor:

@@ -72,8 +72,9 @@ def test_fast_demo_report_matches_run_folders(tmp_path):
         assert float(row.group(4)) == pytest.approx(m["test/acc1"] * 100, abs=0.05)
 
 
-def knn_bank(augment: bool, torch_seed: int):
-    """The k-NN feature bank of a tiny random ViT over 200 Fashion-MNIST train images."""
+def knn_bank(augment: bool, torch_seed: int, rows: int = 200, keep: bool = False):
+    """The k-NN feature bank of a tiny random ViT over ``rows`` Fashion-MNIST train images (and,
+    with ``keep``, the module and datamodule that made it)."""
     import lightning as L
 
     from distortkd import distortions
@@ -85,7 +86,7 @@ def knn_bank(augment: bool, torch_seed: int):
     encoder = build_encoder("vit_tiny_patch16_224", pretrained=False, in_chans=1, img_size=28,
                             patch_size=7, embed_dim=32, depth=2, num_heads=2)
     dm = ImageDataModule("fashion_mnist", image_size=28, in_chans=1, batch_size=64,
-                         eval_batch_size=50, num_workers=0, pin_memory=False, limit_train=200,
+                         eval_batch_size=50, num_workers=0, pin_memory=False, limit_train=rows,
                          limit_eval=20, augment=augment, rrc_scale=(0.3, 1.0))
     module = FinetuneModule(encoder, 10, distortions.build("noise_strong"), optimizer=None,
                             mode="knn")
@@ -93,7 +94,34 @@ def knn_bank(augment: bool, torch_seed: int):
                         enable_progress_bar=False, enable_model_summary=False)
     torch.manual_seed(torch_seed)  # the bank must not depend on the global random state
     trainer.test(module, datamodule=dm, verbose=False)
+    if keep:
+        return module._bank, module, dm
     return module._bank, dm.dataset("train").index
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_knn_bank_across_ranks_is_the_one_device_bank(world):
+    """Under DDP each rank encodes its shard of the bank and the shards are gathered: the bank is
+    the one-device bank row for row (203 rows: the last shard is padded, and the padding cut off).
+    The ranks and ``all_gather`` are simulated: each rank's shards are recorded, then rank 0 gets
+    them stacked as ``all_gather`` returns them."""
+    from types import SimpleNamespace
+
+    (one_feats, one_labels), module, dm = knn_bank(augment=False, torch_seed=0, rows=203, keep=True)
+    shards: dict[int, list] = {}
+
+    def bank_as(rank, gather):
+        module._trainer = SimpleNamespace(world_size=world, global_rank=rank, datamodule=dm)
+        module.all_gather = gather
+        return module._feature_bank()
+
+    for rank in range(world):
+        shards[rank] = []
+        bank_as(rank, lambda t, rank=rank: (shards[rank].append(t), torch.stack([t] * world))[1])
+    assert sum(len(s[0]) for s in shards.values()) == -(-203 // world) * world  # padded to even shards
+    gathered = iter(torch.stack([shards[r][i] for r in range(world)]) for i in range(2))
+    feats, labels = bank_as(0, lambda t: next(gathered))
+    assert torch.equal(feats, one_feats) and torch.equal(labels, one_labels)
 
 
 def test_knn_bank_is_deterministic_and_independent_of_augment():
