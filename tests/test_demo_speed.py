@@ -221,3 +221,24 @@ def test_memo_never_returns_another_settings_result():
     assert torch.equal(noisy(x, seeds), a) and torch.equal(noisy(x, seeds), a)
     assert (tiny.hits, tiny.misses, tiny.bytes) == (0, 2, 0)
     assert Memo(0).distortion(noise) is noise
+
+
+def test_memo_evicts_earlier_jobs_first_and_never_the_current_one():
+    """A sweep over seeds × methods: seed 1's cells replace seed 0's (which no later job reads),
+    so seed 1's second method hits every cell; a job larger than the memo keeps its first cells
+    (a sequential scan would otherwise evict each cell the next job reads first)."""
+    from distortkd.evaluation import Memo
+
+    cell = torch.zeros(256)  # 1 KiB a cell
+    memo = Memo(4 * cell.nbytes)
+
+    def job(seed, cells=4):
+        memo.new_job()
+        before = memo.hits
+        for i in range(cells):
+            memo.get(("cell", seed, i), lambda: cell.clone())
+        return memo.hits - before
+
+    assert [job(0), job(0), job(1), job(1)] == [0, 4, 0, 4]
+    assert memo.bytes == 4 * cell.nbytes
+    assert [job(2, cells=6), job(2, cells=6)] == [0, 4]  # the first 4 of 6 kept
