@@ -85,8 +85,9 @@ class Memo:
     evaluated checkpoint) has not used go first, oldest first; the current job's own entries are
     never evicted, so a job larger than the memo keeps its first cells for the next job instead of
     each new cell evicting the one the next job will read first (the sequential scan that defeats
-    least-recently-used). A sweep over seeds and methods (seed 0: supervised, ours; seed 1: ...)
-    thus keeps each seed's cells for its second method. ``memo_mib: 0`` (evaluate.yaml's default)
+    least-recently-used). A sweep whose jobs read other cells (another test set, ``data.limit_eval``,
+    suite) thus makes room for them; the seeds of one setting share their cells (the evaluation's
+    per-image seeds do not depend on the training seed). ``memo_mib: 0`` (evaluate.yaml's default)
     turns it off.
     """
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -135,3 +136,27 @@ def test_knn_bank_is_deterministic_and_independent_of_augment():
 
     train_labels = read_idx(Path("/usr/share/datasets/fashion-mnist/train-labels-idx1-ubyte.gz"))
     assert labels.tolist() == train_labels[index.numpy()].tolist()  # every train row, in order
+
+
+def test_paired_script_pairs_student_and_baseline_on_the_seed(tmp_path, capsys):
+    """experiments/demo/paired.py: per-seed differences, their mean ± std and scipy's paired t-test,
+    from finished runs only (a failed seed is left out of both methods' pairs)."""
+    import runpy
+
+    from scipy.stats import ttest_rel
+    from test_report import write_run
+
+    ours, sup = [0.61, 0.64, 0.62, 0.70], [0.60, 0.62, 0.615, 0.50]
+    for seed in range(4):
+        for method, accs in (("ours", ours), ("supervised", sup)):
+            status = "failed" if (method, seed) == ("ours", 3) else "ok"
+            write_run(tmp_path, f"{method}_s{seed}", {"status": status, "test/acc1": accs[seed]}, method=method,
+                      seed=seed, fraction=0.1, extra={"finetune": {"mode": "full"}})
+    write_run(tmp_path, "teacher", {"status": "ok", "test/acc1": 0.8}, method="supervised", distortion="noise_strong",
+              extra={"finetune": {"mode": "full"}})
+    runpy.run_path(str(Path(__file__).parents[1] / "experiments/demo/paired.py"), run_name="not_main")["main"](str(tmp_path))
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| mask_strong")]
+    d = [100 * (o - s) for o, s in zip(ours[:3], sup[:3], strict=True)]
+    p = ttest_rel([100 * o for o in ours[:3]], [100 * s for s in sup[:3]]).pvalue
+    assert rows == [f"| mask_strong / 10% | {', '.join(f'{x:+.1f}' for x in d)} | "
+                    f"{np.mean(d):+.1f} ± {np.std(d, ddof=1):.1f} | {p:.3f} |"]

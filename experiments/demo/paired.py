@@ -12,10 +12,12 @@ from distortkd.study_analysis import paired
 def main(root: str) -> None:
     runs = load_runs([root])
     tuned = runs[runs["task"].eq("finetune") & runs["status"].eq("ok") & runs["method"].isin(["ours", "supervised"])
-                 & runs["finetune.mode"].eq("full") & runs["run_name"].ne("teacher")]
+                 & runs["finetune.mode"].eq("full")]
     print("| Distortion / labels | Δ per seed (points) | mean ± std | p (paired t) |")
     print("|---|---|---|---|")
     for (dist, fraction), cell in tuned.groupby(["distortion.name", "data.label_fraction"]):
+        if set(cell["method"]) != {"ours", "supervised"}:
+            continue  # the teacher (supervised, clean) has no student to pair with
         acc = {m: cell[cell["method"].eq(m)].set_index("seed")["test/acc1"] * 100 for m in ("ours", "supervised")}
         result = paired(acc["ours"], acc["supervised"])
         per_seed = acc["ours"].sub(acc["supervised"]).dropna().sort_index()
