@@ -190,7 +190,8 @@ def stale(config: dict, run_dir: Path) -> str | None:
     recomputed only when the file's size or modification time differs from the record (records
     without them, older than this check, are always hashed; once per file and version per process).
     """
-    for what, record in (config.get("provenance") or {}).items():
+    recorded = config.get("provenance")
+    for what, record in (recorded if isinstance(recorded, dict) else {}).items():
         if not (isinstance(record, dict) and record.get("path") and record.get("sha256")):
             continue
         path = _located(record, run_dir)
