@@ -107,10 +107,11 @@ class Memo:
         self.misses += 1
         value = compute()
         size = sum(t.nbytes for t in _tensors(value))
-        for old in [k for k, (_, _, job) in self._store.items() if job < self.job]:
-            if self.bytes + size <= self.max_bytes:
-                break
-            self.bytes -= self._store.pop(old)[1]
+        if self.bytes + size > self.max_bytes:  # room from entries only earlier jobs used, oldest first
+            for old in [k for k, (_, _, job) in self._store.items() if job < self.job]:
+                self.bytes -= self._store.pop(old)[1]
+                if self.bytes + size <= self.max_bytes:
+                    break
         if self.bytes + size <= self.max_bytes:
             self._store[key], self.bytes = (value, size, self.job), self.bytes + size
         return value
