@@ -181,7 +181,7 @@ def _main(cfg: DictConfig, run) -> float:
         if cfg.get("resume", True):
             rundir.check_folder(run_dir, OmegaConf.to_container(cfg, resolve=True))
         if (done := _finished(cfg, run_dir)) is not None:
-            if (why := rundir.stale(rundir.read_config(run_dir)[0] or done.get("config") or {}, run_dir)):
+            if (why := rundir.stale(rundir.read_config(run_dir)[0] or {}, run_dir)):  # or metrics.json's copy
                 _JOBS.append("failed")  # its folder keeps its results; the report leaves them out
                 return _refuse(f"{run_dir} is finished but {why}; accepted: resume=false to run it again "
                                "on the new checkpoint, or the old checkpoint back", multirun)

@@ -179,11 +179,13 @@ def checked_upstream(path: Path, allow_unfinished: bool = False) -> dict:
     return record
 
 
-def stale(config: dict, run_dir: Path) -> str | None:
+def stale(config: dict, run_dir: Path, _seen: frozenset = frozenset()) -> str | None:
     """Why a finished run's results no longer follow from what it was built on: a checkpoint its
     ``provenance`` recorded (path and SHA-256) that holds other bytes now (a teacher, student or
-    fine-tune made again in the same place). None when every recorded checkpoint is unchanged, or
-    gone (a deleted file changes nothing that was computed; made again, it is compared then).
+    fine-tune made again in the same place), or whose own run is stale (an evaluation of a
+    fine-tune whose student was distilled again). None when every recorded checkpoint is
+    unchanged, or gone (a deleted file changes nothing that was computed; made again, it is
+    compared then).
 
     A checkpoint recorded under another run's folder is looked for at its recorded path, then at the
     same place under this run's own root (a run root moved or copied as a whole). The SHA-256 is
@@ -198,12 +200,15 @@ def stale(config: dict, run_dir: Path) -> str | None:
         if path is None:
             continue
         stat = path.stat()
-        if (record.get("size"), record.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns):
-            continue
-        now = _sha256_cached(path, stat)
-        if now != record["sha256"]:
-            return (f"built on {path} (provenance.{what}), which has changed since: sha256 "
-                    f"{record['sha256'][:12]} then, {now[:12]} now")
+        if (record.get("size"), record.get("mtime_ns")) != (stat.st_size, stat.st_mtime_ns):
+            now = _sha256_cached(path, stat)
+            if now != record["sha256"]:
+                return (f"built on {path} (provenance.{what}), which has changed since: sha256 "
+                        f"{record['sha256'][:12]} then, {now[:12]} now")
+        upstream = path.parent.parent.resolve() if path.parent.name == "checkpoints" else None
+        if upstream is not None and upstream not in _seen and (up := read_config(upstream)[0]):
+            if (why := stale(up, upstream, _seen | {upstream})) is not None:
+                return f"built on {path} (provenance.{what}) of a stale run: {why}"
     return None
 
 

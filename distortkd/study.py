@@ -61,12 +61,16 @@ def study_config(root: Path, images: int, overrides: Sequence[str] = ()):
 
 
 def finished(root: Path, task: str) -> list[Path]:
-    """Finished run folders under ``root/<task>`` (fine-tunes: full mode only)."""
+    """Finished run folders under ``root/<task>`` (fine-tunes: full mode only). A stale one (built
+    on a checkpoint that has changed since, ``rundir.stale``) is skipped, with one line saying why."""
     found = []
     for run in sorted((root / task).glob("*")):
         metrics, _ = rundir.read_metrics(run)
         cfg, _ = rundir.read_config(run)
         if metrics and metrics.get("status") == "ok" and cfg and cfg["finetune"]["mode"] == "full":
+            if (why := rundir.stale(cfg, run)) is not None:
+                print(f"study: skipping stale {run}: {why}", file=sys.stderr)
+                continue
             found.append(run)
     return found
 

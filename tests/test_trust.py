@@ -284,6 +284,34 @@ def test_staleness_follows_a_moved_root_and_the_model_weights_file(tmp_path):
     assert "(provenance.weights)" in rundir.stale({"provenance": recorded}, tmp_path / "runs" / "test" / "distill" / "x")
 
 
+def test_an_evaluation_of_a_stale_finetune_is_stale(tmp_path):
+    """Staleness passes down: the fine-tune's own checkpoint is unchanged, but it was trained from
+    a student distilled again since, so an evaluation of it is stale too; and the study, which
+    scores finished fine-tunes itself, skips the stale one."""
+    from distortkd import study
+
+    root = tmp_path / "runs" / "test"
+
+    def run(task, name, provenance=None):
+        folder = root / task / name
+        (folder / "checkpoints").mkdir(parents=True)
+        (folder / "checkpoints" / "best.ckpt").write_bytes(name.encode())
+        config = {"task": task, "finetune": {"mode": "full"}, "provenance": provenance or {}}
+        rundir.write_text(folder / "config.yaml", json.dumps(config))
+        rundir.write_json(folder / "metrics.json", {"status": "ok"})
+        return folder, folder / "checkpoints" / "best.ckpt"
+
+    _, student = run("distill", "student")
+    tuned, weights = run("finetune", "tuned", {"init": rundir.checked_upstream(student)})
+    evaluated = {"provenance": {"checkpoint": rundir.checked_upstream(weights)}}
+    assert rundir.stale(evaluated, root / "evaluate" / "x") is None
+    assert study.finished(root, "finetune") == [tuned]
+    _replace(student)
+    why = rundir.stale(evaluated, root / "evaluate" / "x")
+    assert why.startswith(f"built on {weights} (provenance.checkpoint) of a stale run: built on {student}")
+    assert study.finished(root, "finetune") == []
+
+
 # ------------------------------------------------------------------ 5. damaged run folders, locks
 
 
